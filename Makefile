@@ -1,0 +1,29 @@
+# Two entry points that must work on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck clean install install-test
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,postgres]'
+
+demo: install
+	$(BIN)/python -m stashflow.integration.demo
+
+lint: install-test
+	$(BIN)/ruff check cache placement swdist catalog_schema integration tests benchmarks
+	$(BIN)/mypy cache placement swdist catalog_schema integration
+
+test: install-test lint
+	$(BIN)/pytest -q -ra
+
+clean:
+	rm -rf $(VENV) build *.egg-info

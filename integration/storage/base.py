@@ -1,0 +1,125 @@
+"""The one small async interface every storage backend implements.
+
+Paths given to a backend are relative to the root of its URL ("a/b/file"), always
+'/'-separated and already validated by the caller (no '..', no empty segments).
+Errors are reported with the small exception family below so that callers (the cache,
+the origin server, transfer engines) can map them to HTTP statuses or retry decisions
+without knowing which backend failed.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+
+CHECKSUM_ALGORITHMS = ("adler32", "md5", "crc32c", "sha256")
+DEFAULT_CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """A storage operation failed; `url` names the object, `reason` says why."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class NotFound(StorageError):
+    """The object or directory does not exist."""
+
+
+class PermissionDenied(StorageError):
+    """The backend refused access (credentials, ACLs, read-only export)."""
+
+
+class Unavailable(StorageError):
+    """The backend could not be reached or failed; retrying later may help."""
+
+
+class Corrupt(StorageError):
+    """Data did not match what was promised: short read, size or checksum mismatch."""
+
+
+class Unsupported(StorageError):
+    """The backend cannot do this operation (e.g. no server-side checksum)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a backend knows about one object without reading it."""
+
+    path: str
+    size: int
+    mtime: float | None = None
+    etag: str | None = None
+    is_dir: bool = False
+    # Checksums the backend got for free (response headers, object metadata),
+    # as lowercase hex keyed by algorithm name from CHECKSUM_ALGORITHMS.
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+class Storage(abc.ABC):
+    """An async view of one storage root. Instances are cheap; `close()` releases pools."""
+
+    scheme: str = ""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def url_of(self, path: str) -> str:
+        return f"{self.url}/{path.lstrip('/')}" if path else self.url
+
+    @abc.abstractmethod
+    async def stat(self, path: str) -> ObjectInfo:
+        """Size, mtime, etag of an object (or a directory, with is_dir=True)."""
+
+    async def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read `length` bytes at `offset` (to the end when length is None)."""
+        parts = [c async for c in self.stream(path, offset, length)]
+        return b"".join(parts)
+
+    @abc.abstractmethod
+    def stream(
+        self,
+        path: str,
+        offset: int = 0,
+        length: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> AsyncIterator[bytes]:
+        """Yield the bytes of a range in order. Raises Corrupt if the backend delivers
+        fewer bytes than the range it promised."""
+
+    @abc.abstractmethod
+    async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        """Store an object atomically: readers see the old object or the whole new one,
+        never a part; a failed write leaves nothing behind. Parent directories are
+        created as needed."""
+
+    @abc.abstractmethod
+    async def delete(self, path: str) -> None:
+        """Remove an object. NotFound if it does not exist."""
+
+    @abc.abstractmethod
+    async def list(self, path: str = "") -> list[ObjectInfo]:
+        """The direct children of a directory (paths relative to the storage root)."""
+
+    async def checksum(self, path: str, algorithm: str) -> str:
+        """Lowercase hex checksum. Backends with a server-side checksum override this;
+        the default computes it by streaming the object."""
+        from stashflow.integration.checksums import Hasher
+
+        hasher = Hasher(algorithm)
+        async for chunk in self.stream(path):
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. The default has nothing to release."""
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
