@@ -34,6 +34,9 @@ class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name in _GROUPS if self._available(name))
 
+    def _loaded(self, ctx: click.Context, name: str) -> bool:
+        return self.get_command(ctx, name) is not None
+
     @staticmethod
     def _available(name: str) -> bool:
         module, _ = _GROUPS[name]
@@ -43,11 +46,12 @@ class _LazyGroup(click.Group):
         if cmd_name not in _GROUPS or not self._available(cmd_name):
             return None
         module, attr = _GROUPS[cmd_name]
-        command: click.Command = getattr(importlib.import_module(module), attr)
+        command: click.Command | None = getattr(importlib.import_module(module), attr, None)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, _HELP.get(name, "")) for name in self.list_commands(ctx)]
+        rows = [(name, _HELP.get(name, "")) for name in self.list_commands(ctx)
+                if self._loaded(ctx, name)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)

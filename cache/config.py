@@ -1,0 +1,114 @@
+"""Settings of one cache, from flags, a TOML `[cache]` table and STASHFLOW_CACHE_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stashflow.integration.config import ConfigError, parse_duration, parse_size
+
+
+@dataclass
+class CacheConfig:
+    directory: Path
+    size: int
+    origins: dict[str, str]
+    listen: str = "127.0.0.1:8000"
+    workers: int = 1
+    block_size: int = 1 << 20
+    inline_max: int = 64 << 10
+    readahead: int = 4  # blocks fetched beyond what was asked
+    window: int = 16  # blocks claimed ahead of the serving position in one origin request
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    inode_high_watermark: float = 0.95
+    inode_low_watermark: float = 0.90
+    policy: str = "lfuda"
+    revalidate_ttl: float = 60.0
+    negative_ttl: float = 30.0
+    origin_timeout: float = 30.0  # connect / metadata requests to an origin
+    origin_concurrency: int = 16  # concurrent fetches per origin and worker
+    total_concurrency: int = 64  # concurrent fetches per worker, all origins
+    queue_limit: int = 256  # requests waiting for a fetch slot per origin before 429
+    stall_window: float = 30.0
+    min_rate: int = 16 << 10  # bytes/s over stall_window below which a fetch is abandoned
+    admin_token: str | None = None
+    access_log: str | None = "-"  # "-" = stderr, None = off, else a file
+    verify: str = "on-change"  # "on-change" or "always": when block checksums are checked
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"invalid listen address {self.listen!r}: use HOST:PORT")
+        return host.strip("[]"), int(port)
+
+    def check(self) -> None:
+        if not self.origins:
+            raise ConfigError("no origin configured: give at least one --origin /ns=URL")
+        if not 0 < self.low_watermark < self.high_watermark <= 1:
+            raise ConfigError("watermarks must satisfy 0 < low < high <= 1")
+        if self.block_size < 4096 or self.block_size & (self.block_size - 1):
+            raise ConfigError("block size must be a power of two of at least 4 KiB")
+        if self.inline_max > self.block_size:
+            raise ConfigError("inline-max must not exceed the block size")
+        if self.size < self.block_size * 4:
+            raise ConfigError("cache size must be at least four blocks")
+        if self.verify not in ("on-change", "always"):
+            raise ConfigError("verify must be 'on-change' or 'always'")
+        self.host_port  # noqa: B018 - validates
+
+    @classmethod
+    def build(cls, file_values: dict[str, Any], flags: dict[str, Any]) -> CacheConfig:
+        """Merge TOML/env values with command-line flags (flags win when given)."""
+        values: dict[str, Any] = dict(file_values)
+        for key, value in flags.items():
+            if value is not None and value != () and value != []:
+                values[key] = value
+        origins: dict[str, str] = {}
+        raw_origins = values.pop("origins", None) or values.pop("origin", None) or {}
+        if isinstance(raw_origins, dict):
+            origins.update({str(k): str(v) for k, v in raw_origins.items()})
+        else:
+            for item in raw_origins:
+                ns, sep, url = str(item).partition("=")
+                if not sep or not ns.startswith("/") or not url:
+                    raise ConfigError(f"invalid origin {item!r}: use /ns=URL")
+                origins[ns] = url
+        if "dir" in values:
+            values["directory"] = values.pop("dir")
+        if "directory" not in values:
+            raise ConfigError("no cache directory: give --dir DIR")
+        known = set(cls.__dataclass_fields__)
+        extra = {k: v for k, v in values.items() if k not in known}
+        if extra:
+            raise ConfigError(f"unknown cache setting(s): {', '.join(sorted(extra))}")
+        values["directory"] = Path(os.path.expanduser(str(values["directory"]))).resolve()
+        values["size"] = parse_size(values.get("size", "10GiB"))
+        for key in ("block_size", "inline_max", "min_rate"):
+            if key in values:
+                values[key] = parse_size(values[key])
+        for key in ("revalidate_ttl", "negative_ttl", "origin_timeout", "stall_window"):
+            if key in values:
+                values[key] = parse_duration(values[key])
+        for key in ("high_watermark", "low_watermark", "inode_high_watermark",
+                    "inode_low_watermark"):
+            if key in values:
+                values[key] = _fraction(values[key])
+        for key in ("workers", "readahead", "window", "origin_concurrency",
+                    "total_concurrency", "queue_limit"):
+            if key in values:
+                values[key] = int(values[key])
+        cfg = cls(origins=origins, **values)
+        cfg.check()
+        return cfg
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return float(value.strip()[:-1]) / 100
+    f = float(value)
+    return f / 100 if f > 1 else f

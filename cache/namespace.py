@@ -1,0 +1,75 @@
+"""Namespaces (`/ns` -> origin storage) and the validation of request paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stashflow.integration.storage import Storage, open_storage
+
+MAX_PATH = 4096
+MAX_SEGMENT = 255
+
+
+class BadPath(ValueError):
+    """The request path can never name an object (400)."""
+
+
+def clean_path(raw_path: str, decoded_path: str) -> str:
+    """Validate a request path and return it normalised.
+
+    Both the raw (percent-encoded) and decoded forms are checked so that `%2e%2e` or
+    `%00` cannot slip past. Paths with '..' or '.' segments, empty segments ('//'),
+    NUL or control characters, or over-long names are refused rather than
+    normalised: a cache must never guess which file a strange path means."""
+    for path in (raw_path, decoded_path):
+        if not path.startswith("/"):
+            raise BadPath("path must be absolute")
+    if len(decoded_path.encode()) > MAX_PATH:
+        raise BadPath(f"path longer than {MAX_PATH} bytes")
+    if any(ord(c) < 32 or c == "\x7f" for c in decoded_path):
+        raise BadPath("path contains NUL or control characters")
+    if decoded_path.endswith("/"):
+        raise BadPath("path ends with '/': a directory is not an object")
+    for seg in decoded_path[1:].split("/"):
+        if seg in ("", ".", ".."):
+            raise BadPath(f"path segment {seg!r} is not allowed ('..', '.', '//')")
+        if len(seg.encode()) > MAX_SEGMENT:
+            raise BadPath(f"path segment longer than {MAX_SEGMENT} bytes")
+    return decoded_path
+
+
+@dataclass
+class Namespace:
+    prefix: str  # "/ns", no trailing slash
+    origin_url: str
+    storage: Storage
+
+    def relative(self, path: str) -> str:
+        return path[len(self.prefix) :].lstrip("/")
+
+
+class NamespaceMap:
+    """Longest-prefix match of object paths to namespaces."""
+
+    def __init__(self, origins: dict[str, str]) -> None:
+        self._spaces: list[Namespace] = []
+        for prefix, url in origins.items():
+            norm = "/" + prefix.strip("/")
+            if norm == "/":
+                raise ValueError("namespace '/' is not allowed: name it, e.g. /ns")
+            self._spaces.append(Namespace(norm, url, open_storage(url)))
+        # longest prefix first so that /ns/sub wins over /ns
+        self._spaces.sort(key=lambda ns: len(ns.prefix), reverse=True)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._spaces)
+
+    def match(self, path: str) -> Namespace | None:
+        for ns in self._spaces:
+            if path == ns.prefix or path.startswith(ns.prefix + "/"):
+                return ns
+        return None
+
+    async def close(self) -> None:
+        for ns in self._spaces:
+            await ns.storage.close()

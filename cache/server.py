@@ -1,0 +1,664 @@
+"""HTTP face of the cache: object GET/HEAD, the admin API and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+
+from stashflow.cache import metrics
+from stashflow.cache.admission import Overloaded
+from stashflow.cache.config import CacheConfig
+from stashflow.cache.fetch import CacheFull, ObjectGone, Stalled, guarded
+from stashflow.cache.index import Record
+from stashflow.cache.namespace import BadPath, Namespace, clean_path
+from stashflow.cache.ranges import RangeError, Unsatisfiable, multipart_layout, parse_range
+from stashflow.cache.service import CacheService, OriginTimeout
+from stashflow.integration.checksums import parse_want_digest, to_digest_header
+from stashflow.integration.storage import (
+    Corrupt,
+    NotFound,
+    PermissionDenied,
+    StorageError,
+    Unavailable,
+)
+
+log = logging.getLogger("stashflow.cache")
+SERVICE: web.AppKey[CacheService] = web.AppKey("service", CacheService)
+ADMIN = "/.stashflow"
+CONTENT_TYPE = "application/octet-stream"
+
+
+def error(status: int, message: str, **fields: Any) -> web.Response:
+    body = json.dumps({"error": message, "status": status, **fields})
+    headers = {"Retry-After": str(fields.pop("retry_after"))} if "retry_after" in fields else None
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+def _http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def _etag(rec: Record) -> str:
+    if rec.etag:
+        tag = rec.etag.strip()
+        return tag if tag.startswith(('"', 'W/"')) else f'"{tag}"'
+    mtime = int((rec.mtime or 0) * 1e9)
+    return f'"{rec.size:x}-{mtime:x}"'
+
+
+def _not_modified(request: web.Request, etag: str, rec: Record) -> bool:
+    inm = request.headers.get("If-None-Match")
+    if inm is not None:
+        tags = [t.strip() for t in inm.split(",")]
+        return "*" in tags or etag in tags or etag in (t.removeprefix("W/") for t in tags)
+    ims = request.headers.get("If-Modified-Since")
+    if ims and rec.mtime:
+        try:
+            since = email.utils.parsedate_to_datetime(ims).timestamp()
+        except (TypeError, ValueError):
+            return False
+        return int(rec.mtime) <= since
+    return False
+
+
+def _if_range_ok(request: web.Request, etag: str, rec: Record) -> bool:
+    value = request.headers.get("If-Range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith(('"', 'W/"')):
+        return value == etag
+    try:
+        return rec.mtime is not None and int(rec.mtime) == int(
+            email.utils.parsedate_to_datetime(value).timestamp()
+        )
+    except (TypeError, ValueError):
+        return False
+
+
+class ObjectHandler:
+    def __init__(self, service: CacheService) -> None:
+        self.svc = service
+        self.cfg = service.cfg
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = {"result": "error"}
+        try:
+            return await self._handle(request, outcome)
+        finally:
+            result = outcome["result"]
+            metrics.REQUESTS.labels(result).inc()
+            metrics.LATENCY.labels(result).observe(time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request, outcome: dict[str, str]) -> web.StreamResponse:
+        try:
+            key = clean_path(request.raw_path.partition("?")[0], request.path)
+        except BadPath as e:
+            return error(400, f"bad path: {e}")
+        ns = self.svc.namespaces.match(key)
+        if ns is None:
+            return error(404, f"no namespace serves {key}", path=key)
+        if key == ns.prefix:
+            return error(404, f"{key} is a namespace, not an object", path=key)
+        try:
+            rec = await self.svc.lookup(ns, key)
+        except NotFound as e:
+            outcome["result"] = "not_found"
+            return error(404, f"{key} not found at the origin", path=key, origin=ns.origin_url,
+                         cause=e.reason)
+        except (Unavailable, PermissionDenied, Corrupt, StorageError) as e:
+            return error(502, f"origin {ns.origin_url} failed for {key}: {e.reason}",
+                         path=key, origin=ns.origin_url, cause=e.reason)
+        except OriginTimeout as e:
+            return error(504, str(e), path=key, origin=ns.origin_url)
+
+        etag = _etag(rec)
+        headers = {
+            "ETag": etag,
+            "Accept-Ranges": "bytes",
+            "Content-Type": CONTENT_TYPE,
+        }
+        if rec.mtime is not None:
+            headers["Last-Modified"] = _http_date(rec.mtime)
+        if _not_modified(request, etag, rec):
+            outcome["result"] = "not_modified"
+            return web.Response(status=304, headers=headers)
+
+        ranges: list[tuple[int, int]] | None = None
+        range_header = request.headers.get("Range")
+        if range_header is not None and _if_range_ok(request, etag, rec):
+            try:
+                ranges = parse_range(range_header, rec.size)
+            except RangeError as e:
+                return error(400, str(e), path=key)
+            except Unsatisfiable as e:
+                return web.Response(
+                    status=416,
+                    text=json.dumps({"error": str(e), "status": 416, "path": key}),
+                    content_type="application/json",
+                    headers={"Content-Range": f"bytes */{rec.size}"},
+                )
+
+        want = request.headers.get("Want-Digest")
+        if want:
+            for algorithm in parse_want_digest(want):
+                try:
+                    value = await self.svc.checksum(ns, rec, algorithm)
+                except (StorageError, CacheFull, ObjectGone, Stalled) as e:
+                    log.warning("checksum %s of %s failed: %s", algorithm, key, e)
+                    continue
+                headers["Digest"] = to_digest_header(algorithm, value)
+                break
+
+        self.svc.touch(rec)
+        try:
+            if rec.inline:
+                return await self._send_inline(request, ns, rec, ranges, headers, outcome)
+            return await self._send_blocks(request, ns, rec, ranges, headers, outcome)
+        except Overloaded as e:
+            outcome["result"] = "overloaded"
+            return error(429, str(e), path=key, origin=ns.origin_url, retry_after=e.retry_after)
+        except NotFound as e:
+            return error(404, f"{key} vanished from the origin", path=key, cause=e.reason)
+        except Stalled as e:
+            return error(504, str(e), path=key, origin=ns.origin_url)
+        except OriginTimeout as e:
+            return error(504, str(e), path=key, origin=ns.origin_url)
+        except StorageError as e:
+            return error(502, f"origin {ns.origin_url} failed for {key}: {e.reason}",
+                         path=key, origin=ns.origin_url, cause=e.reason)
+
+    # -- small objects: from LMDB, in memory --------------------------------------------
+
+    async def _send_inline(
+        self,
+        request: web.Request,
+        ns: Namespace,
+        rec: Record,
+        ranges: list[tuple[int, int]] | None,
+        headers: dict[str, str],
+        outcome: dict[str, str],
+    ) -> web.StreamResponse:
+        stored = self.svc.index.inline_data(rec)
+        outcome["result"] = "hit" if stored is not None else "miss"
+        try:
+            data = await self.svc.inline_bytes(ns, rec)
+        except (CacheFull, ObjectGone) as e:
+            outcome["result"] = "bypass"
+            log.warning("serving %s uncached: %s", rec.key, e)
+            data = await self._origin_bytes(ns, rec)
+        (metrics.HITS if outcome["result"] == "hit" else metrics.MISSES).inc()
+        headers["X-Stashflow-Cache"] = outcome["result"]
+        head = request.method == "HEAD"
+        if ranges is None:
+            metrics.BYTES_TO_CLIENTS.inc(0 if head else len(data))
+            if head:
+                headers["Content-Length"] = str(len(data))
+                return web.Response(status=200, headers=headers)
+            return web.Response(status=200, body=data, headers=headers)
+        if len(ranges) == 1:
+            first, last = ranges[0]
+            headers["Content-Range"] = f"bytes {first}-{last}/{rec.size}"
+            body = data[first : last + 1]
+        else:
+            boundary, heads, tail, _ = multipart_layout(ranges, rec.size, CONTENT_TYPE)
+            headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+            body = b"".join(h + data[a : b + 1] for h, (a, b) in zip(heads, ranges, strict=True))
+            body += tail
+        metrics.BYTES_TO_CLIENTS.inc(0 if head else len(body))
+        if head:
+            headers["Content-Length"] = str(len(body))
+            return web.Response(status=206, headers=headers)
+        return web.Response(status=206, body=body, headers=headers)
+
+    async def _origin_bytes(self, ns: Namespace, rec: Record) -> bytes:
+        async with self.svc.admission.slot(ns.prefix):
+            parts = [c async for c in guarded(ns.storage.stream(ns.relative(rec.key), 0, rec.size),
+                                             ns.origin_url, self.cfg.stall_window,
+                                             self.cfg.min_rate)]
+        data = b"".join(parts)
+        if len(data) != rec.size:
+            raise Corrupt(ns.storage.url_of(ns.relative(rec.key)),
+                          f"origin sent {len(data)} of {rec.size} bytes")
+        return data
+
+    # -- block objects: sparse data file, sendfile ----------------------------------------
+
+    async def _send_blocks(
+        self,
+        request: web.Request,
+        ns: Namespace,
+        rec: Record,
+        ranges: list[tuple[int, int]] | None,
+        headers: dict[str, str],
+        outcome: dict[str, str],
+    ) -> web.StreamResponse:
+        spans = ranges if ranges is not None else ([(0, rec.size - 1)] if rec.size else [])
+        heads: list[bytes] = []
+        tail = b""
+        if ranges is None:
+            status, length = 200, rec.size
+        elif len(ranges) == 1:
+            status, length = 206, ranges[0][1] - ranges[0][0] + 1
+            headers["Content-Range"] = f"bytes {ranges[0][0]}-{ranges[0][1]}/{rec.size}"
+        else:
+            boundary, heads, tail, length = multipart_layout(ranges, rec.size, CONTENT_TYPE)
+            status = 206
+            headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+        headers["Content-Length"] = str(length)
+
+        # Start the first window before sending headers, so that a cache that cannot
+        # store anything, or an origin that fails at once, still gets a clean answer.
+        self.svc.index.set_open(rec, +1)
+        try:
+            reader = _BlockReader(self, request, ns, rec, outcome)
+            if spans and request.method != "HEAD":
+                reader.prime(spans[0][0], spans[0][1])
+                await reader.first_ready()
+            else:
+                outcome["result"] = "hit" if rec.complete else "miss"
+            headers["X-Stashflow-Cache"] = outcome["result"]
+            resp = web.StreamResponse(status=status, headers=headers)
+            resp.content_length = length
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp
+            for i, (first, last) in enumerate(spans):
+                if heads:
+                    await resp.write(heads[i])
+                await reader.send(resp, first, last)
+            if tail:
+                await resp.write(tail)
+            await resp.write_eof()
+            (metrics.HITS if outcome["result"] == "hit" else metrics.MISSES).inc()
+            return resp
+        except (ConnectionResetError, asyncio.CancelledError):
+            outcome["result"] = "client_gone"
+            raise
+        finally:
+            reader_obj = locals().get("reader")
+            if isinstance(reader_obj, _BlockReader):
+                reader_obj.close()
+            self.svc.index.set_open(rec, -1)
+
+
+class _ResponseStarted(Exception):
+    """An error after the headers went out: the only honest signal left is to cut the
+    connection, so that the client sees a short body instead of padded data."""
+
+
+class _BlockReader:
+    """Sends ranges of one block-stored object, fetching missing blocks a window ahead."""
+
+    def __init__(
+        self,
+        handler: ObjectHandler,
+        request: web.Request,
+        ns: Namespace,
+        rec: Record,
+        outcome: dict[str, str],
+    ) -> None:
+        self.h = handler
+        self.svc = handler.svc
+        self.request = request
+        self.ns = ns
+        self.rec = rec
+        self.outcome = outcome
+        self.futures: dict[int, asyncio.Future[None]] = {}
+        self.horizon = -1  # blocks below have been ensured
+        self.first_block = 0
+        self.last_block = 0
+        self.bypass: str | None = None
+        self.fd: int | None = None
+        self.present = 0
+        self.missing = 0
+        self.sent = 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        metrics.BYTES_TO_CLIENTS.inc(self.sent)
+
+    def prime(self, first: int, last: int) -> None:
+        bs = self.rec.block_size
+        self.first_block, self.last_block = first // bs, last // bs
+        self.horizon = self.first_block
+        self._ensure_window()
+
+    async def first_ready(self) -> None:
+        fut = self.futures.get(self.first_block)
+        if fut is not None and self.bypass is None:
+            try:
+                await asyncio.shield(fut)
+            except (CacheFull, ObjectGone) as e:
+                self._to_bypass(str(e))
+
+    def _to_bypass(self, reason: str) -> None:
+        if self.bypass is None:
+            log.warning("serving %s from the origin without caching: %s", self.rec.key, reason)
+        self.bypass = reason
+        self.outcome["result"] = "bypass"
+
+    def _ensure_window(self) -> None:
+        """Make sure blocks up to one window past the horizon are being fetched."""
+        if self.bypass is not None or self.horizon > self.last_block:
+            return
+        cfg = self.h.cfg
+        end = min(self.horizon + cfg.window - 1, self.last_block)
+        if end == self.last_block:
+            end = min(end + cfg.readahead, self.rec.nblocks - 1)
+        try:
+            fill = self.svc.fetcher.ensure(self.ns, self.rec, self.horizon, end, self.last_block)
+        except CacheFull as e:
+            self._to_bypass(str(e))
+            return
+        self.futures.update(fill.futures)
+        self.present += fill.was_present
+        self.missing += fill.was_missing
+        if self.outcome["result"] != "bypass":
+            self.outcome["result"] = (
+                "hit" if self.missing == 0 else "miss" if self.present == 0 else "partial"
+            )
+        self.horizon = end + 1
+
+    async def send(self, resp: web.StreamResponse, first: int, last: int) -> None:
+        bs = self.rec.block_size
+        if self.horizon < 0 or first // bs != self.first_block:
+            self.prime(first, last)
+        else:
+            self.last_block = last // bs
+        pos = first
+        while pos <= last:
+            if self.bypass is not None:
+                await self._stream_from_origin(resp, pos, last)
+                return
+            idx = pos // bs
+            if self.horizon <= self.last_block and self.horizon - idx <= self.h.cfg.window // 2:
+                self._ensure_window()
+            if idx >= self.horizon:
+                self._ensure_window()
+                continue
+            fut = self.futures.pop(idx, None)
+            if fut is not None:
+                try:
+                    await asyncio.shield(fut)
+                except (CacheFull, ObjectGone) as e:
+                    self._to_bypass(str(e))
+                    continue
+                except Exception as e:
+                    raise _ResponseStarted(str(e)) from e
+            # extend over blocks that are ready too, to send them in one sendfile
+            end_idx = idx
+            limit = min(last // bs, self.horizon - 1)
+            while end_idx < limit:
+                nxt = self.futures.get(end_idx + 1)
+                if nxt is not None and not (nxt.done() and nxt.exception() is None):
+                    break
+                end_idx += 1
+                if nxt is not None:
+                    self.futures.pop(end_idx, None)
+            crcs = self.svc.index.present_blocks(self.rec, idx, end_idx)
+            if len(crcs) != end_idx - idx + 1 or not await self._verified(crcs):
+                # evicted or corrupted meanwhile: ask for those blocks again
+                self.horizon = min(self.horizon, idx)
+                for j in range(idx, end_idx + 1):
+                    self.futures.pop(j, None)
+                self._ensure_window()
+                continue
+            stop = min(last, (end_idx + 1) * bs - 1)
+            await self._sendfile(resp, pos, stop - pos + 1)
+            pos = stop + 1
+
+    async def _verified(self, crcs: dict[int, int]) -> bool:
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.svc.index.data_path(self.rec), os.O_RDONLY)
+            except FileNotFoundError:
+                self._to_bypass("data file disappeared (evicted)")
+                return True
+        bad = await asyncio.to_thread(self.svc.verify_blocks, self.fd, self.rec, crcs)
+        if bad:
+            self.svc.corrupted(self.rec, bad)
+            return False
+        return True
+
+    async def _sendfile(self, resp: web.StreamResponse, offset: int, count: int) -> None:
+        if self.bypass is not None:
+            await self._stream_from_origin(resp, offset, offset + count - 1)
+            return
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        assert self.fd is not None
+        loop = asyncio.get_running_loop()
+        with os.fdopen(os.dup(self.fd), "rb") as fobj:
+            try:
+                await loop.sendfile(transport, fobj, offset, count)
+            except NotImplementedError:
+                remaining = count
+                while remaining:
+                    chunk = await asyncio.to_thread(os.pread, self.fd, min(remaining, 1 << 20),
+                                                    offset)
+                    if not chunk:
+                        raise _ResponseStarted("data file shorter than its index") from None
+                    await resp.write(chunk)
+                    offset += len(chunk)
+                    remaining -= len(chunk)
+        self.sent += count
+
+    async def _stream_from_origin(self, resp: web.StreamResponse, first: int, last: int) -> None:
+        rel = self.ns.relative(self.rec.key)
+        cfg = self.h.cfg
+        try:
+            async with self.svc.admission.slot(self.ns.prefix):
+                got = 0
+                stream = self.ns.storage.stream(rel, first, last - first + 1)
+                async for chunk in guarded(stream, self.ns.origin_url, cfg.stall_window,
+                                           cfg.min_rate):
+                    await resp.write(chunk)
+                    got += len(chunk)
+                    self.sent += len(chunk)
+                    metrics.ORIGIN_BYTES.labels(self.ns.prefix, "demand").inc(len(chunk))
+        except (StorageError, Stalled, Overloaded) as e:
+            raise _ResponseStarted(str(e)) from e
+        if got != last - first + 1:
+            raise _ResponseStarted(f"origin sent {got} of {last - first + 1} bytes")
+
+
+@web.middleware
+async def _cut_on_late_error(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except _ResponseStarted as e:
+        log.error("aborting response for %s: %s", request.path, e)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError(str(e)) from None
+
+
+# -- admin API -----------------------------------------------------------------------------
+
+
+def _admin_allowed(request: web.Request, cfg: CacheConfig) -> bool:
+    if cfg.admin_token:
+        return request.headers.get("Authorization", "") == f"Bearer {cfg.admin_token}"
+    peer = request.remote or ""
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_routes(service: CacheService) -> list[web.RouteDef]:
+    cfg = service.cfg
+
+    def guard(fn: Any) -> Any:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            if not _admin_allowed(request, cfg):
+                return error(403, "admin API: give the admin token as 'Authorization: Bearer' "
+                                  "(or connect from loopback when the cache has none)")
+            result: web.StreamResponse = await fn(request)
+            return result
+
+        return wrapper
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "request body must be a JSON object", "status": 400}),
+                content_type="application/json",
+            ) from None
+        if not isinstance(data, dict):
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": "request body must be a JSON object", "status": 400}),
+                content_type="application/json",
+            )
+        return data
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(service.stats))
+
+    async def objects(request: web.Request) -> web.Response:
+        prefix = request.query.get("prefix", "")
+        try:
+            limit = min(int(request.query.get("limit", "1000")), 100_000)
+        except ValueError:
+            return error(400, "limit must be an integer")
+        items = [
+            {
+                "path": r.key,
+                "size": r.size,
+                "cached_bytes": r.present,
+                "complete": r.complete,
+                "pinned": r.pinned,
+                "hits": r.hits,
+                "last_access": r.atime,
+                "etag": r.etag,
+                "inline": r.inline,
+            }
+            for r in service.index.objects(prefix, limit)
+        ]
+        return web.json_response({"objects": items, "count": len(items)})
+
+    async def pin(request: web.Request) -> web.Response:
+        data = await body(request)
+        path = data.get("path")
+        if not isinstance(path, str):
+            return error(400, "give the object as {\"path\": \"/ns/file\"}")
+        pinned = request.match_info["action"] == "pin"
+        rec = await asyncio.to_thread(service.index.set_pinned, path, pinned)
+        if rec is None and pinned:
+            # pinning an object not cached yet: fetch its metadata so the pin sticks
+            ns = service.namespaces.match(path)
+            if ns is None:
+                return error(404, f"no namespace serves {path}")
+            try:
+                await service.lookup(ns, path)
+            except StorageError as e:
+                return error(404, f"cannot pin {path}: {e.reason}")
+            rec = await asyncio.to_thread(service.index.set_pinned, path, True)
+        if rec is None:
+            return error(404, f"{path} is not in the cache")
+        return web.json_response({"path": path, "pinned": rec.pinned})
+
+    async def evict(request: web.Request) -> web.Response:
+        data = await body(request)
+        path, prefix = data.get("path"), data.get("prefix")
+        force = bool(data.get("force", False))
+        if isinstance(path, str):
+            result = await asyncio.to_thread(service.index.remove, lambda r: r.key == path,
+                                             force=force)
+        elif isinstance(prefix, str) and prefix.startswith("/"):
+            result = await asyncio.to_thread(service.index.remove,
+                                             lambda r: r.key.startswith(prefix), force=force)
+        else:
+            return error(400, "give {\"path\": \"/ns/file\"} or {\"prefix\": \"/ns/dir/\"}")
+        metrics.EVICTIONS.inc(result.objects)
+        metrics.EVICTED_BYTES.inc(result.bytes)
+        return web.json_response({"evicted_objects": result.objects,
+                                  "freed_bytes": result.bytes})
+
+    async def health(request: web.Request) -> web.Response:
+        ok = service.disk_state == "ok"
+        return web.json_response({"status": "ok" if ok else "degraded",
+                                  "disk": service.disk_state}, status=200 if ok else 503)
+
+    return [
+        web.get(f"{ADMIN}/stats", guard(stats)),
+        web.get(f"{ADMIN}/objects", guard(objects)),
+        web.post(f"{ADMIN}/{{action:pin|unpin}}", guard(pin)),
+        web.post(f"{ADMIN}/evict", guard(evict)),
+        web.post(f"{ADMIN}/purge", guard(evict)),
+        web.get(f"{ADMIN}/health", health),
+    ]
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One JSON object per request. Only the method, path, status, sizes, peer and
+    timing are logged: never headers, so tokens cannot leak into logs."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(json.dumps({
+            "ts": round(_now(), 3),
+            "peer": request.remote,
+            "method": request.method,
+            "path": request.path,
+            "range": request.headers.get("Range"),
+            "status": response.status,
+            "bytes": response.body_length,
+            "seconds": round(time, 6),
+        }))
+
+
+def _now() -> float:
+    return time.time()
+
+
+def make_app(service: CacheService) -> web.Application:
+    app = web.Application(middlewares=[_cut_on_late_error], client_max_size=1 << 20)
+    app[SERVICE] = service
+    handler = ObjectHandler(service)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        def state() -> dict[str, float]:
+            fs = service.filesystem()
+            info = service.index.info()
+            return {
+                "disk_usage_bytes": float(info["usage_bytes"]),
+                "disk_size_bytes": float(service.cfg.size),
+                "objects": float(info["objects"]),
+                "fs_free_bytes": fs["fs_free_bytes"],
+                "inode_use_ratio": fs["inode_use_ratio"],
+            }
+
+        body, ctype = await asyncio.to_thread(metrics.render, state)
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def on_startup(app: web.Application) -> None:
+        await service.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await service.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.add_routes(admin_routes(service))
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_route("GET", "/{path:.*}", handler)
+    app.router.add_route("HEAD", "/{path:.*}", handler)
+    return app

@@ -1,0 +1,318 @@
+"""The cache's domain logic, apart from HTTP: finding objects, revalidating them against
+their origin, verifying cached blocks, computing checksums, keeping within the size
+and inode limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from stashflow.cache import metrics
+from stashflow.cache.admission import Admission
+from stashflow.cache.config import CacheConfig
+from stashflow.cache.eviction import make_policy
+from stashflow.cache.fetch import Fetcher
+from stashflow.cache.index import Index, Record
+from stashflow.cache.namespace import Namespace, NamespaceMap
+from stashflow.integration.checksums import Hasher, block_crc
+from stashflow.integration.storage import NotFound, ObjectInfo, StorageError, Unavailable
+
+log = logging.getLogger("stashflow.cache")
+
+
+class OriginTimeout(Exception):
+    def __init__(self, origin: str, seconds: float) -> None:
+        super().__init__(f"origin {origin} did not answer within {seconds:.0f}s")
+        self.origin = origin
+
+
+@dataclass
+class _Verified:
+    """Blocks of one data-file version whose checksum this worker has checked."""
+
+    mtime_ns: int
+    blocks: set[int] = field(default_factory=set)
+
+
+class CacheService:
+    def __init__(self, cfg: CacheConfig) -> None:
+        self.cfg = cfg
+        self.namespaces = NamespaceMap(cfg.origins)
+        self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
+        self.admission = Admission(cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit)
+        self.fetcher = Fetcher(self.index, cfg, self.admission)
+        self._negative: dict[str, float] = {}
+        self._lookups: dict[str, asyncio.Future[Record]] = {}
+        self._accesses: dict[bytes, tuple[int, float]] = {}
+        self._verified: dict[tuple[bytes, int], _Verified] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self.disk_state = "ok"
+
+    async def start(self) -> None:
+        self._background.append(asyncio.create_task(self._housekeeping()))
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.fetcher.close()
+        await asyncio.to_thread(self._flush_accesses)
+        await self.namespaces.close()
+        self.index.sync()
+        self.index.close()
+
+    # -- finding objects --------------------------------------------------------------
+
+    async def lookup(self, ns: Namespace, key: str) -> Record:
+        """The record of `key`, revalidated against the origin if its TTL has passed.
+        Raises NotFound, Unavailable or OriginTimeout."""
+        now = time.time()
+        neg = self._negative.get(key)
+        if neg is not None:
+            if neg > now:
+                raise NotFound(ns.storage.url_of(ns.relative(key)), "not found at the origin")
+            del self._negative[key]
+        rec = self.index.get(key)
+        if rec is not None and now - rec.validated < self.cfg.revalidate_ttl:
+            return rec
+        pending = self._lookups.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._lookups[key] = fut
+        try:
+            info = await self._stat(ns, key)
+            rec = await asyncio.to_thread(
+                self.index.upsert,
+                key,
+                size=info.size,
+                mtime=info.mtime,
+                etag=info.etag,
+                checksums=info.checksums,
+                block_size=self.cfg.block_size,
+                inline_max=self.cfg.inline_max,
+                now=now,
+            )
+            fut.set_result(rec)
+            return rec
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            del self._lookups[key]
+
+    async def _stat(self, ns: Namespace, key: str) -> ObjectInfo:
+        rel = ns.relative(key)
+        try:
+            async with asyncio.timeout(self.cfg.origin_timeout):
+                info = await ns.storage.stat(rel)
+        except TimeoutError:
+            metrics.ORIGIN_ERRORS.labels(ns.prefix, "timeout").inc()
+            raise OriginTimeout(ns.origin_url, self.cfg.origin_timeout) from None
+        except NotFound:
+            self._negative[key] = time.time() + self.cfg.negative_ttl
+            raise
+        except StorageError as e:
+            metrics.ORIGIN_ERRORS.labels(ns.prefix, type(e).__name__).inc()
+            raise
+        except OSError as e:
+            metrics.ORIGIN_ERRORS.labels(ns.prefix, "unavailable").inc()
+            raise Unavailable(ns.storage.url_of(rel), str(e)) from e
+        if info.is_dir:
+            raise NotFound(ns.storage.url_of(rel), "is a directory, not an object")
+        return info
+
+    def touch(self, rec: Record) -> None:
+        hits, _ = self._accesses.get(rec.objid, (0, 0.0))
+        self._accesses[rec.objid] = (hits + 1, time.time())
+
+    def _flush_accesses(self) -> None:
+        if self._accesses:
+            batch, self._accesses = self._accesses, {}
+            self.index.record_accesses(batch)
+
+    # -- integrity --------------------------------------------------------------------
+
+    def verify_blocks(self, fd: int, rec: Record, crcs: dict[int, int]) -> list[int]:
+        """Check the blocks `crcs` against the data file; return the corrupted ones.
+
+        With verify='on-change' a block is checked once per version of the data file
+        (its mtime): any write to the file, including one that corrupts it, changes
+        the mtime and makes every block of it checked again."""
+        mtime_ns = os.fstat(fd).st_mtime_ns
+        key = (rec.objid, rec.gen)
+        seen = self._verified.get(key)
+        if seen is None or seen.mtime_ns != mtime_ns or self.cfg.verify == "always":
+            seen = self._verified[key] = _Verified(mtime_ns)
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+                self._verified[key] = seen
+        bad: list[int] = []
+        for idx, crc in crcs.items():
+            if idx in seen.blocks:
+                continue
+            length = rec.block_len(idx)
+            data = os.pread(fd, length, idx * rec.block_size)
+            if len(data) == length and block_crc(data) == crc:
+                seen.blocks.add(idx)
+            else:
+                bad.append(idx)
+        return bad
+
+    def corrupted(self, rec: Record, blocks: list[int]) -> None:
+        metrics.CORRUPT_BLOCKS.inc(len(blocks))
+        log.error("corrupted cached block(s) %s of %s: dropped, will be refetched",
+                  blocks, rec.key)
+        for idx in blocks:
+            self.index.drop_block(rec, idx)
+
+    async def inline_bytes(self, ns: Namespace, rec: Record) -> bytes:
+        """The content of a small object, fetched if absent or corrupted."""
+        for _attempt in range(3):
+            stored = self.index.inline_data(rec)
+            if stored is not None:
+                crc, data = stored
+                if block_crc(data) == crc:
+                    return data
+                metrics.CORRUPT_BLOCKS.inc()
+                log.error("corrupted inline object %s: dropped, will be refetched", rec.key)
+                self.index.drop_inline(rec)
+            fill = self.fetcher.ensure(ns, rec, 0, 0, 0)
+            for fut in fill.futures.values():
+                await fut
+        raise Unavailable(rec.key, "could not obtain a verified copy of the object")
+
+    # -- checksums --------------------------------------------------------------------
+
+    async def checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
+        """The object's checksum: known, from the origin's server-side checksum, or
+        computed once from the cached data (fetching what is missing)."""
+        known = rec.checksums.get(algorithm)
+        if known:
+            return known
+        rel = ns.relative(rec.key)
+        value: str | None = None
+        server_checksum = getattr(ns.storage, "server_checksum", None)
+        if server_checksum is not None:
+            try:
+                async with asyncio.timeout(self.cfg.origin_timeout):
+                    value = await server_checksum(rel, algorithm)
+            except (StorageError, TimeoutError) as e:
+                log.info("origin checksum of %s unavailable (%s); computing it", rec.key, e)
+        if value is None:
+            value = await self._compute_checksum(ns, rec, algorithm)
+        await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
+        return value
+
+    async def _compute_checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
+        if rec.inline:
+            data = await self.inline_bytes(ns, rec)
+            hasher = Hasher(algorithm)
+            hasher.update(data)
+            return hasher.hexdigest()
+        last = rec.nblocks - 1
+        window = max(1, self.cfg.window)
+        hasher = Hasher(algorithm)
+        path = self.index.data_path(rec)
+        for start in range(0, last + 1, window):
+            end = min(last, start + window - 1)
+            fill = self.fetcher.ensure(ns, rec, start, end, last)
+            for fut in fill.futures.values():
+                await fut
+            crcs = self.index.present_blocks(rec, start, end)
+
+            def _hash_range(start: int = start, end: int = end,
+                            crcs: dict[int, int] = crcs) -> list[int]:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    bad = self.verify_blocks(fd, rec, crcs)
+                    if bad:
+                        return bad
+                    for idx in range(start, end + 1):
+                        hasher.update(os.pread(fd, rec.block_len(idx), idx * rec.block_size))
+                    return []
+                finally:
+                    os.close(fd)
+
+            bad = await asyncio.to_thread(_hash_range)
+            if bad or len(crcs) != end - start + 1:
+                self.corrupted(rec, bad)
+                raise Unavailable(rec.key, "cached data changed while computing its checksum")
+        return hasher.hexdigest()
+
+    # -- space ------------------------------------------------------------------------
+
+    def filesystem(self) -> dict[str, float]:
+        st = os.statvfs(self.cfg.directory)
+        total_inodes = st.f_files or 1
+        return {
+            "fs_free_bytes": st.f_bavail * st.f_frsize,
+            "fs_total_bytes": st.f_blocks * st.f_frsize,
+            "inodes_total": st.f_files,
+            "inodes_free": st.f_favail,
+            "inode_use_ratio": (st.f_files - st.f_favail) / total_inodes if st.f_files else 0.0,
+        }
+
+    def enforce_limits(self) -> None:
+        """Evict down to the low watermark when over the high one, in bytes of the
+        quota and in inodes of the cache filesystem."""
+        usage = self.index.usage()
+        state = "ok"
+        if usage > self.cfg.high_watermark * self.cfg.size:
+            need = int(usage - self.cfg.low_watermark * self.cfg.size)
+            result = self.index.evict(need)
+            metrics.EVICTIONS.inc(result.objects)
+            metrics.EVICTED_BYTES.inc(result.bytes)
+            if result.bytes < need:
+                state = "full: the rest of the cache is pinned or in use"
+        fs = self.filesystem()
+        if fs["inodes_total"] and fs["inode_use_ratio"] > self.cfg.inode_high_watermark:
+            excess = fs["inode_use_ratio"] - self.cfg.inode_low_watermark
+            result = self.index.evict_objects(max(1, int(excess * fs["inodes_total"])))
+            metrics.EVICTIONS.inc(result.objects)
+            metrics.EVICTED_BYTES.inc(result.bytes)
+            fs = self.filesystem()
+            if fs["inode_use_ratio"] > self.cfg.inode_high_watermark:
+                state = f"inodes exhausted on the cache filesystem ({fs['inode_use_ratio']:.0%} used)"
+        if fs["fs_free_bytes"] < self.cfg.block_size * self.cfg.window:
+            state = "cache filesystem full"
+        if state != self.disk_state:
+            (log.info if state == "ok" else log.error)("cache disk state: %s", state)
+        self.disk_state = state
+
+    async def _housekeeping(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self._flush_accesses)
+                await asyncio.to_thread(self.enforce_limits)
+                if time.monotonic() - last_sync > 5:
+                    await asyncio.to_thread(self.index.sync)
+                    last_sync = time.monotonic()
+                now = time.time()
+                for key in [k for k, t in self._negative.items() if t <= now]:
+                    del self._negative[key]
+            except Exception:  # keep housekeeping alive whatever one round hit
+                log.exception("cache housekeeping failed")
+
+    def stats(self) -> dict[str, Any]:
+        info = self.index.info()
+        return {
+            **info,
+            "size_bytes": self.cfg.size,
+            "usage_ratio": info["usage_bytes"] / self.cfg.size,
+            "high_watermark": self.cfg.high_watermark,
+            "low_watermark": self.cfg.low_watermark,
+            "policy": self.cfg.policy,
+            "block_size": self.cfg.block_size,
+            "disk_state": self.disk_state,
+            "origins": {ns.prefix: ns.origin_url for ns in self.namespaces},
+            "active_fetches": self.admission.active(),
+            **self.filesystem(),
+        }
