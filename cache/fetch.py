@@ -206,10 +206,9 @@ class Fetcher:
                 metrics.INFLIGHT.labels(origin).inc()
                 try:
                     buf = bytearray()
-                    stream = ns.storage.stream(rel, offset, length)
-                    async for chunk in guarded(stream, ns.origin_url, self.cfg.stall_window,
-                                               self.cfg.min_rate):
-                        buf += chunk
+
+                    async def drain() -> None:
+                        nonlocal next_i
                         while next_i < len(blocks) and len(buf) >= rec.block_len(blocks[next_i]):
                             idx = blocks[next_i]
                             n = rec.block_len(idx)
@@ -219,6 +218,13 @@ class Fetcher:
                             metrics.ORIGIN_BYTES.labels(origin, kind).inc(n)
                             await self._commit(rec, idx, data)
                             next_i += 1
+
+                    stream = ns.storage.stream(rel, offset, length)
+                    async for chunk in guarded(stream, ns.origin_url, self.cfg.stall_window,
+                                               self.cfg.min_rate):
+                        buf += chunk
+                        await drain()
+                    await drain()  # zero-length objects have a block with no bytes
                     if next_i < len(blocks):
                         raise Corrupt(
                             ns.storage.url_of(rel),

@@ -37,7 +37,7 @@ def parse_range(header: str, size: int) -> list[tuple[int, int]] | None:
         first_s, last_s = m.group(1), m.group(2)
         if first_s:
             first = int(first_s)
-            last = int(last_s) if last_s else size - 1
+            last = int(last_s) if last_s else max(first, size - 1)
             if last < first:
                 raise RangeError(f"malformed byte range {part.strip()!r}: last < first")
             if first >= size:
