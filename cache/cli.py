@@ -10,7 +10,6 @@ import urllib.request
 from typing import Any
 
 import click
-
 from stashflow.integration import config as configlib
 
 
@@ -20,21 +19,37 @@ def cache_group() -> None:
 
 
 @cache_group.command("serve")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML file with a [cache] table; flags override it, "
-                   "STASHFLOW_CACHE_* variables override the file.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML file with a [cache] table; flags override it, "
+    "STASHFLOW_CACHE_* variables override the file.",
+)
 @click.option("--listen", help="HOST:PORT to serve HTTP on [127.0.0.1:8000].")
-@click.option("--dir", "directory", type=click.Path(file_okay=False),
-              help="Cache directory (index and data files).")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help="Cache directory (index and data files).",
+)
 @click.option("--size", help="Disk quota, e.g. 50GiB [10GiB].")
-@click.option("--origin", "origins", multiple=True, metavar="/NS=URL",
-              help="Namespace and the storage URL behind it (file://, https://, "
-                   "s3://bucket/prefix, root://host:port//path). Repeatable.")
+@click.option(
+    "--origin",
+    "origins",
+    multiple=True,
+    metavar="/NS=URL",
+    help="Namespace and the storage URL behind it (file://, https://, "
+    "s3://bucket/prefix, root://host:port//path). Repeatable.",
+)
 @click.option("--workers", type=int, help="Worker processes sharing the cache [1].")
 @click.option("--block-size", help="Cache block size [1MiB].")
 @click.option("--inline-max", help="Objects up to this size are kept in the index [64KiB].")
-@click.option("--policy", type=click.Choice(["lru", "lfuda"]),
-              help="Eviction policy [lfuda: keeps the re-read working set when scans pass].")
+@click.option(
+    "--policy",
+    type=click.Choice(["lru", "lfuda"]),
+    help="Eviction policy [lfuda: keeps the re-read working set when scans pass].",
+)
 @click.option("--high-watermark", help="Start evicting above this share of --size [95%].")
 @click.option("--low-watermark", help="Evict down to this share of --size [90%].")
 @click.option("--revalidate-ttl", help="Re-check objects with the origin after this long [60s].")
@@ -68,8 +83,10 @@ def _admin(url: str, path: str, payload: dict[str, Any] | None = None) -> Any:
     req = urllib.request.Request(
         url.rstrip("/") + "/.stashflow/" + path,
         data=json.dumps(payload).encode() if payload is not None else None,
-        headers={"Content-Type": "application/json",
-                 **({"Authorization": f"Bearer {token}"} if token else {})},
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {token}"} if token else {}),
+        },
         method="POST" if payload is not None else "GET",
     )
     try:
@@ -87,8 +104,13 @@ def _admin(url: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         sys.exit(1)
 
 
-_url = click.option("--url", default="http://127.0.0.1:8000", show_default=True,
-                    envvar="STASHFLOW_CACHE_URL", help="Base URL of the cache.")
+_url = click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    envvar="STASHFLOW_CACHE_URL",
+    help="Base URL of the cache.",
+)
 
 
 @cache_group.command("stats")

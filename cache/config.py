@@ -94,12 +94,22 @@ class CacheConfig:
         for key in ("revalidate_ttl", "negative_ttl", "origin_timeout", "stall_window"):
             if key in values:
                 values[key] = parse_duration(values[key])
-        for key in ("high_watermark", "low_watermark", "inode_high_watermark",
-                    "inode_low_watermark"):
+        for key in (
+            "high_watermark",
+            "low_watermark",
+            "inode_high_watermark",
+            "inode_low_watermark",
+        ):
             if key in values:
                 values[key] = _fraction(values[key])
-        for key in ("workers", "readahead", "window", "origin_concurrency",
-                    "total_concurrency", "queue_limit"):
+        for key in (
+            "workers",
+            "readahead",
+            "window",
+            "origin_concurrency",
+            "total_concurrency",
+            "queue_limit",
+        ):
             if key in values:
                 values[key] = int(values[key])
         cfg = cls(origins=origins, **values)

@@ -16,9 +16,10 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stashflow.cache import metrics
 from stashflow.cache.admission import Admission
@@ -111,8 +112,8 @@ class Fetcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._full_until = 0.0
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -126,9 +127,7 @@ class Fetcher:
             return {0: 0} if self.index.inline_data(rec) is not None else {}
         return self.index.present_blocks(rec, first, last)
 
-    def ensure(
-        self, ns: Namespace, rec: Record, first: int, last: int, demand_last: int
-    ) -> Fill:
+    def ensure(self, ns: Namespace, rec: Record, first: int, last: int, demand_last: int) -> Fill:
         """Start whatever is needed for blocks first..last to become present and return
         futures for those not present yet. Blocks after `demand_last` are read-ahead.
         Raises CacheFull when nothing can be stored."""
@@ -194,7 +193,9 @@ class Fetcher:
         else:
             fut.set_exception(exc)
 
-    async def _fetch_run(self, ns: Namespace, rec: Record, blocks: list[int], demand_last: int) -> None:
+    async def _fetch_run(
+        self, ns: Namespace, rec: Record, blocks: list[int], demand_last: int
+    ) -> None:
         bs = rec.block_size
         offset = blocks[0] * bs
         length = sum(rec.block_len(i) for i in blocks)
@@ -220,16 +221,16 @@ class Fetcher:
                             next_i += 1
 
                     stream = ns.storage.stream(rel, offset, length)
-                    async for chunk in guarded(stream, ns.origin_url, self.cfg.stall_window,
-                                               self.cfg.min_rate):
+                    async for chunk in guarded(
+                        stream, ns.origin_url, self.cfg.stall_window, self.cfg.min_rate
+                    ):
                         buf += chunk
                         await drain()
                     await drain()  # zero-length objects have a block with no bytes
                     if next_i < len(blocks):
+                        got = len(buf) + sum(rec.block_len(i) for i in blocks[:next_i])
                         raise Corrupt(
-                            ns.storage.url_of(rel),
-                            f"origin sent {len(buf) + sum(rec.block_len(i) for i in blocks[:next_i])}"
-                            f" of {length} bytes promised",
+                            ns.storage.url_of(rel), f"origin sent {got} of {length} bytes promised"
                         )
                 finally:
                     metrics.INFLIGHT.labels(origin).dec()
@@ -243,11 +244,21 @@ class Fetcher:
             if not isinstance(e, CacheFull | ObjectGone | asyncio.CancelledError):
                 kind = type(e).__name__
                 metrics.ORIGIN_ERRORS.labels(origin, kind).inc()
-                log.warning("fetch of %s blocks %d-%d failed: %s", rec.key, rest[0] if rest else -1,
-                            blocks[-1], e)
+                log.warning(
+                    "fetch of %s blocks %d-%d failed: %s",
+                    rec.key,
+                    rest[0] if rest else -1,
+                    blocks[-1],
+                    e,
+                )
             for idx in rest:
-                self._settle(rec, idx, e if not isinstance(e, asyncio.CancelledError)
-                             else ObjectGone("fetch cancelled"))
+                self._settle(
+                    rec,
+                    idx,
+                    e
+                    if not isinstance(e, asyncio.CancelledError)
+                    else ObjectGone("fetch cancelled"),
+                )
             if isinstance(e, asyncio.CancelledError):
                 raise
 
@@ -262,7 +273,9 @@ class Fetcher:
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._full_until = time.monotonic() + 5
-                log.error("cache disk full while storing %s: serving from the origin uncached", rec.key)
+                log.error(
+                    "cache disk full while storing %s: serving from the origin uncached", rec.key
+                )
                 raise CacheFull(f"cache disk full: {e.strerror}") from None
             raise
         if not ok:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-
 from stashflow.cache.eviction import EvictionPolicy
 
 _U32 = struct.Struct(">I")
@@ -50,6 +49,11 @@ _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
 _OWNER = struct.Struct(">IQd")
 _CRC = struct.Struct("<I")
+
+
+def _items(cursor: Any) -> Iterator[tuple[bytes, bytes]]:
+    for k, v in cursor:
+        yield bytes(k), bytes(v)
 
 
 def object_id(key: str) -> bytes:
@@ -119,8 +123,8 @@ class Record:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def loads(cls, raw: bytes) -> Record:
-        return cls(**json.loads(raw))
+    def loads(cls, raw: bytes | memoryview) -> Record:
+        return cls(**json.loads(bytes(raw)))
 
 
 class NoSpace(Exception):
@@ -205,7 +209,7 @@ class Index:
             cur = txn.cursor()
             if not cur.set_range(prefix + _U32.pack(first)):
                 return out
-            for k, v in cur:
+            for k, v in _items(cur):
                 if not k.startswith(prefix):
                     break
                 idx = _U32.unpack_from(k, 20)[0]
@@ -228,7 +232,7 @@ class Index:
     def objects(self, prefix: str = "", limit: int = 1000) -> Iterator[Record]:
         n = 0
         with self.env.begin(db=self._obj) as txn:
-            for _, raw in txn.cursor():
+            for _, raw in _items(txn.cursor()):
                 rec = Record.loads(raw)
                 if rec.key.startswith(prefix):
                     yield rec
@@ -292,7 +296,7 @@ class Index:
         freed = rec.present
         cur = txn.cursor(db=self._blk)
         if cur.set_range(oid):
-            while cur.key().startswith(oid):
+            while bytes(cur.key()).startswith(oid):
                 if not cur.delete():
                     break
         # claims of the object's current generation stay accounted to their owners,
@@ -308,7 +312,7 @@ class Index:
         cur = txn.cursor(db=self._open)
         if not cur.set_range(oid):
             return False
-        for k, _ in cur:
+        for k, _ in _items(cur):
             if not k.startswith(oid):
                 return False
             pid = _U32.unpack_from(k, 16)[0]
@@ -320,7 +324,7 @@ class Index:
         cur = txn.cursor(db=self._claim)
         if not cur.set_range(oid):
             return False
-        for k, v in cur:
+        for k, v in _items(cur):
             if not k.startswith(oid):
                 return False
             if self._alive(v):
@@ -333,23 +337,21 @@ class Index:
         freed = 0
         clock = self._clock(txn)
         cur = txn.cursor(db=self._ord)
-        skipped: list[bytes] = []
         if not cur.first():
             return 0
         victims: list[tuple[bytes, bytes]] = []
-        for k, _ in cur:
+        for k, _ in _items(cur):
             if freed >= need:
                 break
             oid = k[8:]
             if self._is_open(txn, oid) or self._has_claims(txn, oid):
-                skipped.append(oid)
                 continue
             raw = txn.get(oid, db=self._obj)
             if raw is None:
                 victims.append((k, b""))
                 continue
             rec = Record.loads(raw)
-            victims.append((k, raw))
+            victims.append((k, bytes(raw)))
             freed += rec.present
         for k, raw in victims:
             if not raw:
@@ -608,7 +610,7 @@ class Index:
         objects are kept unless `force`."""
         result = EvictionResult()
         with self.env.begin(write=True) as txn:
-            for _, raw in list(txn.cursor(db=self._obj)):
+            for _, raw in list(_items(txn.cursor(db=self._obj))):
                 rec = Record.loads(raw)
                 if not select(rec):
                     continue
@@ -658,14 +660,14 @@ class Index:
         """Release the claims and open marks of a process that is gone."""
         with self.env.begin(write=True) as txn:
             freed = 0
-            for k, v in list(txn.cursor(db=self._claim)):
+            for k, v in list(_items(txn.cursor(db=self._claim))):
                 if _OWNER.unpack(v)[0] == pid:
                     txn.delete(k, db=self._claim)
                     raw = txn.get(k[:16], db=self._obj)
                     if raw:
                         freed += Record.loads(raw).block_len(_U32.unpack_from(k, 20)[0])
             self._add_usage(txn, -freed)
-            for k, _ in list(txn.cursor(db=self._open)):
+            for k, _ in list(_items(txn.cursor(db=self._open))):
                 if _U32.unpack_from(k, 16)[0] == pid:
                     txn.delete(k, db=self._open)
 
@@ -679,7 +681,7 @@ class Index:
             txn.drop(self._open, delete=False)
             usage = 0
             blk = txn.cursor(db=self._blk)
-            for oid, raw in list(txn.cursor(db=self._obj)):
+            for oid, raw in list(_items(txn.cursor(db=self._obj))):
                 rec = Record.loads(raw)
                 if rec.inline:
                     present = rec.present

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stashflow.integration.storage import Storage, open_storage
@@ -61,7 +62,7 @@ class NamespaceMap:
         # longest prefix first so that /ns/sub wins over /ns
         self._spaces.sort(key=lambda ns: len(ns.prefix), reverse=True)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Namespace]:
         return iter(self._spaces)
 
     def match(self, path: str) -> Namespace | None:

@@ -14,7 +14,6 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
-
 from stashflow.cache import metrics
 from stashflow.cache.admission import Overloaded
 from stashflow.cache.config import CacheConfig
@@ -115,11 +114,21 @@ class ObjectHandler:
             rec = await self.svc.lookup(ns, key)
         except NotFound as e:
             outcome["result"] = "not_found"
-            return error(404, f"{key} not found at the origin", path=key, origin=ns.origin_url,
-                         cause=e.reason)
+            return error(
+                404,
+                f"{key} not found at the origin",
+                path=key,
+                origin=ns.origin_url,
+                cause=e.reason,
+            )
         except (Unavailable, PermissionDenied, Corrupt, StorageError) as e:
-            return error(502, f"origin {ns.origin_url} failed for {key}: {e.reason}",
-                         path=key, origin=ns.origin_url, cause=e.reason)
+            return error(
+                502,
+                f"origin {ns.origin_url} failed for {key}: {e.reason}",
+                path=key,
+                origin=ns.origin_url,
+                cause=e.reason,
+            )
         except OriginTimeout as e:
             return error(504, str(e), path=key, origin=ns.origin_url)
 
@@ -176,8 +185,13 @@ class ObjectHandler:
         except OriginTimeout as e:
             return error(504, str(e), path=key, origin=ns.origin_url)
         except StorageError as e:
-            return error(502, f"origin {ns.origin_url} failed for {key}: {e.reason}",
-                         path=key, origin=ns.origin_url, cause=e.reason)
+            return error(
+                502,
+                f"origin {ns.origin_url} failed for {key}: {e.reason}",
+                path=key,
+                origin=ns.origin_url,
+                cause=e.reason,
+            )
 
     # -- small objects: from LMDB, in memory --------------------------------------------
 
@@ -224,13 +238,21 @@ class ObjectHandler:
 
     async def _origin_bytes(self, ns: Namespace, rec: Record) -> bytes:
         async with self.svc.admission.slot(ns.prefix):
-            parts = [c async for c in guarded(ns.storage.stream(ns.relative(rec.key), 0, rec.size),
-                                             ns.origin_url, self.cfg.stall_window,
-                                             self.cfg.min_rate)]
+            parts = [
+                c
+                async for c in guarded(
+                    ns.storage.stream(ns.relative(rec.key), 0, rec.size),
+                    ns.origin_url,
+                    self.cfg.stall_window,
+                    self.cfg.min_rate,
+                )
+            ]
         data = b"".join(parts)
         if len(data) != rec.size:
-            raise Corrupt(ns.storage.url_of(ns.relative(rec.key)),
-                          f"origin sent {len(data)} of {rec.size} bytes")
+            raise Corrupt(
+                ns.storage.url_of(ns.relative(rec.key)),
+                f"origin sent {len(data)} of {rec.size} bytes",
+            )
         return data
 
     # -- block objects: sparse data file, sendfile ----------------------------------------
@@ -449,8 +471,9 @@ class _BlockReader:
             except NotImplementedError:
                 remaining = count
                 while remaining:
-                    chunk = await asyncio.to_thread(os.pread, self.fd, min(remaining, 1 << 20),
-                                                    offset)
+                    chunk = await asyncio.to_thread(
+                        os.pread, self.fd, min(remaining, 1 << 20), offset
+                    )
                     if not chunk:
                         raise _ResponseStarted("data file shorter than its index") from None
                     await resp.write(chunk)
@@ -465,8 +488,9 @@ class _BlockReader:
             async with self.svc.admission.slot(self.ns.prefix):
                 got = 0
                 stream = self.ns.storage.stream(rel, first, last - first + 1)
-                async for chunk in guarded(stream, self.ns.origin_url, cfg.stall_window,
-                                           cfg.min_rate):
+                async for chunk in guarded(
+                    stream, self.ns.origin_url, cfg.stall_window, cfg.min_rate
+                ):
                     await resp.write(chunk)
                     got += len(chunk)
                     self.sent += len(chunk)
@@ -508,8 +532,11 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
     def guard(fn: Any) -> Any:
         async def wrapper(request: web.Request) -> web.StreamResponse:
             if not _admin_allowed(request, cfg):
-                return error(403, "admin API: give the admin token as 'Authorization: Bearer' "
-                                  "(or connect from loopback when the cache has none)")
+                return error(
+                    403,
+                    "admin API: give the admin token as 'Authorization: Bearer' "
+                    "(or connect from loopback when the cache has none)",
+                )
             result: web.StreamResponse = await fn(request)
             return result
 
@@ -559,7 +586,7 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
         data = await body(request)
         path = data.get("path")
         if not isinstance(path, str):
-            return error(400, "give the object as {\"path\": \"/ns/file\"}")
+            return error(400, 'give the object as {"path": "/ns/file"}')
         pinned = request.match_info["action"] == "pin"
         rec = await asyncio.to_thread(service.index.set_pinned, path, pinned)
         if rec is None and pinned:
@@ -581,22 +608,25 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
         path, prefix = data.get("path"), data.get("prefix")
         force = bool(data.get("force", False))
         if isinstance(path, str):
-            result = await asyncio.to_thread(service.index.remove, lambda r: r.key == path,
-                                             force=force)
+            result = await asyncio.to_thread(
+                service.index.remove, lambda r: r.key == path, force=force
+            )
         elif isinstance(prefix, str) and prefix.startswith("/"):
-            result = await asyncio.to_thread(service.index.remove,
-                                             lambda r: r.key.startswith(prefix), force=force)
+            result = await asyncio.to_thread(
+                service.index.remove, lambda r: r.key.startswith(prefix), force=force
+            )
         else:
-            return error(400, "give {\"path\": \"/ns/file\"} or {\"prefix\": \"/ns/dir/\"}")
+            return error(400, 'give {"path": "/ns/file"} or {"prefix": "/ns/dir/"}')
         metrics.EVICTIONS.inc(result.objects)
         metrics.EVICTED_BYTES.inc(result.bytes)
-        return web.json_response({"evicted_objects": result.objects,
-                                  "freed_bytes": result.bytes})
+        return web.json_response({"evicted_objects": result.objects, "freed_bytes": result.bytes})
 
     async def health(request: web.Request) -> web.Response:
         ok = service.disk_state == "ok"
-        return web.json_response({"status": "ok" if ok else "degraded",
-                                  "disk": service.disk_state}, status=200 if ok else 503)
+        return web.json_response(
+            {"status": "ok" if ok else "degraded", "disk": service.disk_state},
+            status=200 if ok else 503,
+        )
 
     return [
         web.get(f"{ADMIN}/stats", guard(stats)),
@@ -613,16 +643,20 @@ class AccessLogger(AbstractAccessLogger):
     timing are logged: never headers, so tokens cannot leak into logs."""
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(json.dumps({
-            "ts": round(_now(), 3),
-            "peer": request.remote,
-            "method": request.method,
-            "path": request.path,
-            "range": request.headers.get("Range"),
-            "status": response.status,
-            "bytes": response.body_length,
-            "seconds": round(time, 6),
-        }))
+        self.logger.info(
+            json.dumps(
+                {
+                    "ts": round(_now(), 3),
+                    "peer": request.remote,
+                    "method": request.method,
+                    "path": request.path,
+                    "range": request.headers.get("Range"),
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "seconds": round(time, 6),
+                }
+            )
+        )
 
 
 def _now() -> float:

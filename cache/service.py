@@ -166,8 +166,7 @@ class CacheService:
 
     def corrupted(self, rec: Record, blocks: list[int]) -> None:
         metrics.CORRUPT_BLOCKS.inc(len(blocks))
-        log.error("corrupted cached block(s) %s of %s: dropped, will be refetched",
-                  blocks, rec.key)
+        log.error("corrupted cached block(s) %s of %s: dropped, will be refetched", blocks, rec.key)
         for idx in blocks:
             self.index.drop_block(rec, idx)
 
@@ -226,8 +225,9 @@ class CacheService:
                 await fut
             crcs = self.index.present_blocks(rec, start, end)
 
-            def _hash_range(start: int = start, end: int = end,
-                            crcs: dict[int, int] = crcs) -> list[int]:
+            def _hash_range(
+                start: int = start, end: int = end, crcs: dict[int, int] = crcs
+            ) -> list[int]:
                 fd = os.open(path, os.O_RDONLY)
                 try:
                     bad = self.verify_blocks(fd, rec, crcs)
@@ -278,7 +278,9 @@ class CacheService:
             metrics.EVICTED_BYTES.inc(result.bytes)
             fs = self.filesystem()
             if fs["inode_use_ratio"] > self.cfg.inode_high_watermark:
-                state = f"inodes exhausted on the cache filesystem ({fs['inode_use_ratio']:.0%} used)"
+                state = (
+                    f"inodes exhausted on the cache filesystem ({fs['inode_use_ratio']:.0%} used)"
+                )
         if fs["fs_free_bytes"] < self.cfg.block_size * self.cfg.window:
             state = "cache filesystem full"
         if state != self.disk_state:

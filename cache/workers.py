@@ -45,7 +45,8 @@ def _setup_logging(cfg: CacheConfig) -> None:
         access.disabled = True
     else:
         handler: logging.Handler = (
-            logging.StreamHandler(sys.stderr) if cfg.access_log == "-"
+            logging.StreamHandler(sys.stderr)
+            if cfg.access_log == "-"
             else logging.FileHandler(cfg.access_log)
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -55,7 +56,6 @@ def _setup_logging(cfg: CacheConfig) -> None:
 
 async def _run_worker(cfg: CacheConfig, sock: socket.socket) -> None:
     from aiohttp import web
-
     from stashflow.cache.server import AccessLogger, make_app
     from stashflow.cache.service import CacheService
 
@@ -110,8 +110,12 @@ def serve(cfg: CacheConfig) -> None:
     stats = with_index("recover")
     log.info("index recovered: %s", stats)
     sock = _bind(cfg)
-    log.info("cache listening on %s with %d worker(s), %s", cfg.listen, cfg.workers,
-             ", ".join(f"{k} -> {v}" for k, v in cfg.origins.items()))
+    log.info(
+        "cache listening on %s with %d worker(s), %s",
+        cfg.listen,
+        cfg.workers,
+        ", ".join(f"{k} -> {v}" for k, v in cfg.origins.items()),
+    )
     if cfg.workers <= 1:
         asyncio.run(_run_worker(cfg, sock))
         return
@@ -153,8 +157,9 @@ def serve(cfg: CacheConfig) -> None:
         multiprocess.mark_process_dead(pid)
         if stopping:
             continue
-        log.error("cache worker %d died (status %d); releasing its fetches and restarting it",
-                  pid, status)
+        log.error(
+            "cache worker %d died (status %d); releasing its fetches and restarting it", pid, status
+        )
         with_index("forget_process", pid)
         if time.monotonic() - started < 1:
             time.sleep(1)  # a worker that dies at once would otherwise spin

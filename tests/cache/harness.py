@@ -30,13 +30,19 @@ class Response:
         return json.loads(self.body)
 
 
-def request(url: str, method: str = "GET", headers: dict[str, str] | None = None,
-            data: bytes | None = None, timeout: float = 60) -> Response:
+def request(
+    url: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+    timeout: float = 60,
+) -> Response:
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
-                            resp.read())
+            return Response(
+                resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+            )
     except urllib.error.HTTPError as e:
         return Response(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
 
@@ -58,18 +64,32 @@ class CacheProcess:
 
     def start(self) -> CacheProcess:
         self.port = self.port or free_port()
-        args = [sys.executable, "-m", "stashflow.integration.cli", "cache", "serve",
-                "--listen", f"127.0.0.1:{self.port}", "--dir", str(self.directory),
-                "--size", self.size, "--workers", str(self.workers),
-                "--access-log", str(self.directory.parent / f"access-{self.port}.log")]
+        args = [
+            sys.executable,
+            "-m",
+            "stashflow.integration.cli",
+            "cache",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--dir",
+            str(self.directory),
+            "--size",
+            self.size,
+            "--workers",
+            str(self.workers),
+            "--access-log",
+            str(self.directory.parent / f"access-{self.port}.log"),
+        ]
         for ns, url in self.origins.items():
             args += ["--origin", f"{ns}={url}"]
         args += self.extra
         self.log = self.directory.parent / f"cache-{self.port}.log"
         env = {**os.environ, "STASHFLOW_LOG_LEVEL": "INFO", **self.env}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT)
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
         try:
             wait_for_port(self.port, timeout=30)
         except TimeoutError:
@@ -109,19 +129,23 @@ class CacheProcess:
                     pass
                 time.sleep(0.05)
 
-    def get(self, path: str, headers: dict[str, str] | None = None,
-            method: str = "GET") -> Response:
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> Response:
         return request(self.url + path, method=method, headers=headers)
 
-    def admin(self, path: str, payload: dict[str, Any] | None = None,
-              token: str | None = None) -> Response:
+    def admin(
+        self, path: str, payload: dict[str, Any] | None = None, token: str | None = None
+    ) -> Response:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        return request(f"{self.url}/.stashflow/{path}",
-                       method="POST" if payload is not None else "GET",
-                       headers=headers,
-                       data=json.dumps(payload).encode() if payload is not None else None)
+        return request(
+            f"{self.url}/.stashflow/{path}",
+            method="POST" if payload is not None else "GET",
+            headers=headers,
+            data=json.dumps(payload).encode() if payload is not None else None,
+        )
 
     def metrics(self) -> dict[str, float]:
         """Sum of each metric over its labels, plus 'name{labels}' entries."""
@@ -155,7 +179,7 @@ def _children(pid: int) -> list[int]:
 
 
 @dataclass
-class TestOrigin:
+class MisbehavingOrigin:
     """tests/cache/origin_app.py in a subprocess: serves a directory over HTTP, with
     misbehaviours chosen per request by a path prefix."""
 
@@ -167,12 +191,17 @@ class TestOrigin:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> TestOrigin:
+    def __enter__(self) -> MisbehavingOrigin:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("origin_app.py")),
-             str(self.port), str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(Path(__file__).with_name("origin_app.py")),
+                str(self.port),
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port, timeout=20)
         return self

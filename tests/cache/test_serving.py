@@ -107,7 +107,13 @@ def test_unsatisfiable_and_malformed_ranges(cache: CacheProcess) -> None:
     r = cache.get("/ns/big.bin", {"Range": "bytes=999999999-"})
     assert r.status == 416
     assert r.headers["content-range"].startswith("bytes */")
-    for bad in ("bytes=abc", "items=0-1", "bytes=5-1", "bytes=-", "bytes=" + ",".join(["0-1"] * 100)):
+    for bad in (
+        "bytes=abc",
+        "items=0-1",
+        "bytes=5-1",
+        "bytes=-",
+        "bytes=" + ",".join(["0-1"] * 100),
+    ):
         resp = cache.get("/ns/big.bin", {"Range": bad})
         assert resp.status == 400, bad
         assert "error" in resp.json()
@@ -158,11 +164,30 @@ def test_missing_object_404_is_json(cache: CacheProcess) -> None:
 
 def test_unknown_namespace_and_bad_paths(cache: CacheProcess, origin: Path) -> None:
     assert cache.get("/other/file").status == 404
-    for path in ("/ns/../etc/passwd", "/ns//big.bin", "/ns/./big.bin", "/ns/%2e%2e/big.bin",
-                 "/ns/a%00b", "/ns/" + "x" * 300, "/ns/sub/"):
+    for path in (
+        "/ns/../etc/passwd",
+        "/ns//big.bin",
+        "/ns/./big.bin",
+        "/ns/%2e%2e/big.bin",
+        "/ns/a%00b",
+        "/ns/" + "x" * 300,
+        "/ns/sub/",
+    ):
         out = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--path-as-is",
-             cache.url + path], capture_output=True, text=True, check=True)
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--path-as-is",
+                cache.url + path,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert out.stdout == "400", path
 
 
@@ -171,8 +196,9 @@ def test_partial_read_fetches_only_what_is_needed(tmp_path: Path, origin: Path) 
     big.parent.mkdir()
     with open(big, "wb") as f:
         f.truncate(400 * MiB)  # sparse: 400 MiB of zeros
-    with CacheProcess(tmp_path / "c", {"/ns": f"file://{big.parent}"},
-                      extra=["--block-size", "1MiB"]) as c:
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{big.parent}"}, extra=["--block-size", "1MiB"]
+    ) as c:
         r = c.get("/ns/huge.bin", {"Range": "bytes=104857600-108855295"})  # ~1% (3.8 MiB)
         assert r.status == 206 and len(r.body) == 3997696
         time.sleep(0.5)  # read-ahead finishes in the background
@@ -208,8 +234,9 @@ def test_revalidation_picks_up_origin_changes(tmp_path: Path) -> None:
     src.mkdir()
     (src / "f.bin").write_bytes(b"A" * (2 * MiB))
     (src / "s.txt").write_bytes(b"version 1")
-    with CacheProcess(tmp_path / "c", {"/ns": f"file://{src}"},
-                      extra=["--revalidate-ttl", "1s"]) as c:
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{src}"}, extra=["--revalidate-ttl", "1s"]
+    ) as c:
         assert c.get("/ns/f.bin").body == b"A" * (2 * MiB)
         assert c.get("/ns/s.txt").body == b"version 1"
         (src / "f.bin").write_bytes(b"B" * (3 * MiB))
@@ -238,8 +265,12 @@ def test_config_file_and_env_override(tmp_path: Path) -> None:
         f'[cache]\ndir = "{tmp_path / "c"}"\nsize = "64MiB"\npolicy = "lru"\n'
         f'[cache.origins]\n"/ns" = "file://{src}"\n'
     )
-    c = CacheProcess(tmp_path / "unused", {}, env={"STASHFLOW_CACHE_POLICY": "lfuda"},
-                     extra=["--config", str(port_cfg)])
+    c = CacheProcess(
+        tmp_path / "unused",
+        {},
+        env={"STASHFLOW_CACHE_POLICY": "lfuda"},
+        extra=["--config", str(port_cfg)],
+    )
     c.size = "32MiB"  # the flag wins over the file
     with c:
         stats = c.admin("stats").json()
@@ -252,8 +283,21 @@ def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "stashflow.integration.cli", "cache", "serve", "--dir",
-         str(tmp_path), "--size", "lots", "--origin", "/ns=file:///tmp"],
-        capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "stashflow.integration.cli",
+            "cache",
+            "serve",
+            "--dir",
+            str(tmp_path),
+            "--size",
+            "lots",
+            "--origin",
+            "/ns=file:///tmp",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert "invalid size 'lots'" in out.stderr

@@ -23,8 +23,9 @@ def files(tmp_path: Path) -> Path:
 
 
 def test_eviction_keeps_the_cache_within_its_size(tmp_path: Path, files: Path) -> None:
-    with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, size="12MiB",
-                      extra=["--policy", "lru"]) as c:
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{files}"}, size="12MiB", extra=["--policy", "lru"]
+    ) as c:
         pinned = c.admin("pin", {"path": "/ns/f00.bin"}).json()
         assert pinned == {"path": "/ns/f00.bin", "pinned": True}
         for i in range(24):
@@ -40,8 +41,7 @@ def test_eviction_keeps_the_cache_within_its_size(tmp_path: Path, files: Path) -
 
 
 def test_burst_of_misses_never_exceeds_size(tmp_path: Path, files: Path) -> None:
-    with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, size="8MiB",
-                      workers=2) as c:
+    with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, size="8MiB", workers=2) as c:
         peak = 0
         done = threading.Event()
 
@@ -105,8 +105,9 @@ def test_admin_evict_and_purge(tmp_path: Path, files: Path) -> None:
 
 
 def test_admin_token(tmp_path: Path, files: Path) -> None:
-    with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"},
-                      extra=["--admin-token", "s3cret"]) as c:
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{files}"}, extra=["--admin-token", "s3cret"]
+    ) as c:
         assert c.admin("stats").status == 403
         assert c.admin("stats", token="wrong").status == 403
         assert c.admin("stats", token="s3cret").status == 200
@@ -119,11 +120,16 @@ def test_metrics_exposition(tmp_path: Path, files: Path) -> None:
         c.get("/ns/f00.bin")
         c.get("/ns/nope")
         m = c.metrics()
-        for name in ("stashflow_cache_hits_total", "stashflow_cache_misses_total",
-                     "stashflow_cache_bytes_to_clients_total",
-                     "stashflow_cache_origin_bytes_total", "stashflow_cache_evictions_total",
-                     "stashflow_cache_disk_usage_bytes", "stashflow_cache_inode_use_ratio",
-                     "stashflow_cache_request_seconds_count"):
+        for name in (
+            "stashflow_cache_hits_total",
+            "stashflow_cache_misses_total",
+            "stashflow_cache_bytes_to_clients_total",
+            "stashflow_cache_origin_bytes_total",
+            "stashflow_cache_evictions_total",
+            "stashflow_cache_disk_usage_bytes",
+            "stashflow_cache_inode_use_ratio",
+            "stashflow_cache_request_seconds_count",
+        ):
             assert name in m, name
         assert m["stashflow_cache_hits_total"] >= 1
         assert m["stashflow_cache_misses_total"] >= 1
@@ -162,8 +168,9 @@ def test_kill9_during_a_large_miss_then_restart(tmp_path: Path) -> None:
     c.start()
     try:
         # a slow client keeps the miss in progress
-        curl = subprocess.Popen(["curl", "-s", "--limit-rate", "8M", "-o", "/dev/null",
-                                 c.url + "/ns/f.bin"])
+        curl = subprocess.Popen(
+            ["curl", "-s", "--limit-rate", "8M", "-o", "/dev/null", c.url + "/ns/f.bin"]
+        )
         import time
 
         time.sleep(2)
