@@ -5,6 +5,7 @@ any worker that dies and releasing what it held in the index."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from stashflow.cache.config import CacheConfig
@@ -90,10 +92,11 @@ def _worker_main(cfg: CacheConfig, sock: socket.socket) -> None:
 def serve(cfg: CacheConfig) -> None:
     _setup_logging(cfg)
     cfg.directory.mkdir(parents=True, exist_ok=True)
-    metrics_dir = cfg.directory / "metrics"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # prometheus_client's multiprocess files are mmap'd: on the cache filesystem, a full
+    # disk would turn a metric update into SIGBUS. They live in a private temp dir.
+    metrics_dir = tempfile.mkdtemp(prefix="stashflow-cache-metrics-")
+    atexit.register(shutil.rmtree, metrics_dir, True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
     from stashflow.cache.eviction import make_policy
     from stashflow.cache.index import Index
