@@ -1,8 +1,9 @@
 """Checksum algorithms used across the suite, in one place.
 
-Storage and the cache keep checksums as lowercase hex; RFC 3230 `Digest` headers use
-hex for adler32/crc32c and base64 for md5/sha-256 (RFC 3230 and RFC 5843), which
-`to_digest_header` and `from_digest_header` translate.
+Storage and the cache keep checksums as lowercase hex. In RFC 3230 `Digest` headers
+(IANA's HTTP digest algorithm registry) adler32 is 8 hex digits, while md5, sha-256 and
+crc32c are base64 of the big-endian digest bytes, as XRootD sends them too;
+`to_digest_header` and `from_digest_header` translate (and accept hex crc32c as well).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def our_name(http_algorithm: str) -> str | None:
 
 def to_digest_header(algorithm: str, hexvalue: str) -> str:
     """`Digest:` value for one algorithm, e.g. 'md5=XUFAKrxLKna5cZ2REBfFkg=='."""
-    if algorithm in ("md5", "sha256"):
+    if algorithm in ("md5", "sha256", "crc32c"):
         value = base64.b64encode(bytes.fromhex(hexvalue)).decode()
     else:
         value = hexvalue
@@ -75,7 +76,9 @@ def from_digest_header(header: str) -> dict[str, str]:
             continue
         value = value.strip()
         try:
-            if algo in ("md5", "sha256"):
+            if algo == "crc32c" and len(value) == 8 and not value.endswith("="):
+                out[algo] = f"{int(value, 16):08x}"
+            elif algo in ("md5", "sha256", "crc32c"):
                 out[algo] = base64.b64decode(value, validate=True).hex()
             else:
                 out[algo] = f"{int(value, 16):08x}"

@@ -4,6 +4,7 @@ its own group, imported lazily so that `stashflow cache ...` never imports place
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import click

@@ -41,7 +41,7 @@ def main() -> int:
         print(f"[demo] origin: a local directory with a 64 MiB file ({origin})")
         print(f"[demo] starting: stashflow cache serve --listen 127.0.0.1:{port} "
               f"--origin /public=file://{origin} --workers 2")
-        log = open(root / "cache.log", "wb")  # noqa: SIM115 - closed below
+        log = open(root / "cache.log", "wb")
         cache = subprocess.Popen(
             [sys.executable, "-m", "stashflow.integration.cli", "cache", "serve",
              "--listen", f"127.0.0.1:{port}", "--dir", str(root / "cache"), "--size", "1GiB",

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_servers"]
+
 
 def require_real(component: str, reason: str) -> None:
     """Skip (or, under STASHFLOW_REQUIRE_REAL=1, fail) because `component` is missing."""

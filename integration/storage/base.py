@@ -105,11 +105,21 @@ class Storage(abc.ABC):
     async def list(self, path: str = "") -> list[ObjectInfo]:
         """The direct children of a directory (paths relative to the storage root)."""
 
-    async def checksum(self, path: str, algorithm: str) -> str:
-        """Lowercase hex checksum. Backends with a server-side checksum override this;
-        the default computes it by streaming the object."""
-        from stashflow.integration.checksums import Hasher
+    async def server_checksum(self, path: str, algorithm: str) -> str | None:
+        """The checksum as the server knows or computes it (no object bytes cross the
+        network), or None when it cannot. Backends with such a facility override this."""
+        return None
 
+    async def checksum(self, path: str, algorithm: str) -> str:
+        """Lowercase hex checksum: the server's if it has one, else computed by
+        streaming the object."""
+        from stashflow.integration.checksums import ALGORITHMS, Hasher
+
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
+        known = await self.server_checksum(path, algorithm)
+        if known is not None:
+            return known
         hasher = Hasher(algorithm)
         async for chunk in self.stream(path):
             hasher.update(chunk)

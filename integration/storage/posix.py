@@ -1,0 +1,302 @@
+"""Local directory backend (file:// URLs).
+
+Blocking system calls run in the default thread pool so that a slow disk (or a network
+filesystem behind the mount) never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import stat as stat_module
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from stashflow.integration.storage.base import (
+    DEFAULT_CHUNK,
+    Corrupt,
+    NotFound,
+    ObjectInfo,
+    PermissionDenied,
+    Storage,
+    StorageError,
+    Unavailable,
+)
+
+_T = TypeVar("_T")
+
+TEMP_MARKER = ".stashflow-tmp-"
+
+_NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
+_DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def map_os_error(url: str, exc: OSError) -> StorageError:
+    """The storage error for a failed system call on `url`."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EISDIR:
+        return StorageError(url, "is a directory, not an object")
+    if exc.errno in _NOT_FOUND_ERRNOS:
+        return NotFound(url, reason)
+    if exc.errno in _DENIED_ERRNOS:
+        return PermissionDenied(url, reason)
+    return Unavailable(url, reason)
+
+
+class _FdOwner:
+    """One open file descriptor used from worker threads.
+
+    A cancelled coroutine does not stop the thread it was waiting on, so closing the
+    descriptor right away could close it under a running pread/write, or close a
+    number the kernel has already handed to someone else. Closing (and any cleanup
+    tied to it) is therefore deferred until the in-flight call has returned.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, fn, self.fd, *args)
+        self._pending = fut
+        # shield: cancellation reaches us, but `fut` keeps tracking the real thread.
+        result: _T = await asyncio.shield(fut)
+        return result
+
+    def close(self, then: Callable[[], None] | None = None) -> None:
+        """Close now if idle, else as soon as the running call returns."""
+
+        def finish() -> None:
+            try:
+                os.close(self.fd)
+            finally:
+                if then is not None:
+                    then()
+
+        def after_pending(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled():
+                fut.exception()  # nobody awaits it any more; do not log it as lost
+            finish()
+
+        if self._pending is None or self._pending.done():
+            finish()
+        else:
+            self._pending.add_done_callback(after_pending)
+
+
+def _pread_exact_or_less(fd: int, size: int, offset: int) -> bytes:
+    """pread may return less than asked before EOF (signals, some filesystems): loop."""
+    parts: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        data = os.pread(fd, remaining, offset)
+        if not data:
+            break
+        parts.append(data)
+        offset += len(data)
+        remaining -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _open_for_read(path: str) -> tuple[int, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat_module.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes the rename itself durable, not only the file's data.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PosixStorage(Storage):
+    """A directory on a local (or locally mounted) filesystem."""
+
+    scheme = "file"
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("", "file"):
+            raise ValueError(f"{url}: not a file:// URL")
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{url}: file:// URLs on another host are not supported")
+        root = unquote(parts.path) if parts.scheme else url
+        if not root:
+            raise ValueError(f"{url}: no directory given")
+        self.root = Path(root)
+        # Files are created readable by everyone the umask allows: the data is meant
+        # to be served, and mkstemp's 0600 would hide it from server processes.
+        self.file_mode: int = int(options.get("file_mode", 0o644))
+
+    def _local(self, path: str) -> str:
+        if path.startswith("/") or "\x00" in path:
+            raise PermissionDenied(self.url_of(path), "path must be relative to the storage root")
+        if any(part == ".." for part in path.split("/")):
+            raise PermissionDenied(self.url_of(path), "path escapes the storage root")
+        return os.path.join(self.root, path) if path else str(self.root)
+
+    def _info(self, path: str, st: os.stat_result) -> ObjectInfo:
+        is_dir = stat_module.S_ISDIR(st.st_mode)
+        return ObjectInfo(
+            path=path,
+            # Directory sizes are filesystem bookkeeping, not content; 0 keeps all
+            # backends in agreement.
+            size=0 if is_dir else st.st_size,
+            mtime=st.st_mtime,
+            # Inode, size and mtime together change whenever the content is replaced,
+            # which is what caches need an ETag for.
+            etag=None if is_dir else f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}",
+            is_dir=is_dir,
+        )
+
+    async def stat(self, path: str) -> ObjectInfo:
+        local = self._local(path)
+        try:
+            st = await asyncio.to_thread(os.stat, local)
+        except OSError as exc:
+            raise map_os_error(self.url_of(path), exc) from exc
+        return self._info(path, st)
+
+    async def stream(
+        self,
+        path: str,
+        offset: int = 0,
+        length: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> AsyncIterator[bytes]:
+        if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
+            raise ValueError("offset, length and chunk_size must be non-negative")
+        url = self.url_of(path)
+        local = self._local(path)
+        try:
+            fd, st = await asyncio.to_thread(_open_for_read, local)
+        except OSError as exc:
+            raise map_os_error(url, exc) from exc
+        owner = _FdOwner(fd)
+        try:
+            end = max(st.st_size, offset) if length is None else offset + length
+            position = offset
+            while position < end:
+                want = min(chunk_size, end - position)
+                try:
+                    data = await owner.run(_pread_exact_or_less, want, position)
+                except OSError as exc:
+                    raise map_os_error(url, exc) from exc
+                if len(data) < want:
+                    raise Corrupt(
+                        url,
+                        f"short read: got {position - offset + len(data)} of "
+                        f"{end - offset} bytes from offset {offset} (file shrank?)",
+                    )
+                position += len(data)
+                yield data
+        finally:
+            owner.close()
+
+    async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        url = self.url_of(path)
+        local = self._local(path)
+        if not path:
+            raise PermissionDenied(url, "cannot write over the storage root")
+        directory, name = os.path.split(local)
+        temp = os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
+
+        def create() -> int:
+            os.makedirs(directory, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            return os.open(temp, flags, self.file_mode)
+
+        try:
+            fd = await asyncio.to_thread(create)
+        except OSError as exc:
+            raise map_os_error(url, exc) from exc
+        owner = _FdOwner(fd)
+        committed = False
+
+        def discard() -> None:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+
+        async def call(fn: Callable[..., _T], *args: Any) -> _T:
+            # Only our own system calls are mapped: an error raised by the caller's
+            # data source propagates as it is.
+            try:
+                return await owner.run(fn, *args)
+            except OSError as exc:
+                raise map_os_error(url, exc) from exc
+
+        try:
+            if isinstance(data, bytes | bytearray | memoryview):
+                await call(_write_all, data)
+            else:
+                async for chunk in data:
+                    if chunk:
+                        await call(_write_all, chunk)
+            await call(os.fsync)
+            try:
+                await asyncio.to_thread(os.replace, temp, local)
+                committed = True
+                await asyncio.to_thread(_fsync_dir, directory)
+                st = await asyncio.to_thread(os.stat, local)
+            except OSError as exc:
+                raise map_os_error(url, exc) from exc
+        finally:
+            # Synchronous on purpose: it must also run when the task is being cancelled.
+            owner.close(then=None if committed else discard)
+        return self._info(path, st)
+
+    async def delete(self, path: str) -> None:
+        local = self._local(path)
+        try:
+            await asyncio.to_thread(os.unlink, local)
+        except OSError as exc:
+            raise map_os_error(self.url_of(path), exc) from exc
+
+    async def list(self, path: str = "") -> list[ObjectInfo]:
+        local = self._local(path)
+        prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+
+        def scan() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            with os.scandir(local) as entries:
+                for entry in entries:
+                    # Another writer's in-flight temp file is not an object yet.
+                    if TEMP_MARKER in entry.name:
+                        continue
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # removed while we were listing
+                    out.append(self._info(prefix + entry.name, st))
+            out.sort(key=lambda info: info.path)
+            return out
+
+        try:
+            return await asyncio.to_thread(scan)
+        except OSError as exc:
+            raise map_os_error(self.url_of(path), exc) from exc
