@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 
 import click
+
 from stashflow.integration import config as configlib
 
 

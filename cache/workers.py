@@ -58,6 +58,7 @@ def _setup_logging(cfg: CacheConfig) -> None:
 
 async def _run_worker(cfg: CacheConfig, sock: socket.socket) -> None:
     from aiohttp import web
+
     from stashflow.cache.server import AccessLogger, make_app
     from stashflow.cache.service import CacheService
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from stashflow.integration.servers.seaweedfs import SeaweedFS, seaweedfs_available
 from stashflow.integration.servers.xrootd import XRootDServer, xrootd_available
-
 from tests.conftest import require_real
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
+from yarl import URL
+
 from stashflow.integration import checksums
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
@@ -32,7 +34,6 @@ from stashflow.integration.storage.base import (
     Unavailable,
     Unsupported,
 )
-from yarl import URL
 
 TEMP_MARKER = ".stashflow-tmp-"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

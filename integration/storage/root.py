@@ -14,6 +14,9 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from XRootD import client
+from XRootD.client.flags import DirListFlags, OpenFlags, QueryCode, StatInfoFlags
+
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
     Corrupt,
@@ -24,8 +27,6 @@ from stashflow.integration.storage.base import (
     StorageError,
     Unavailable,
 )
-from XRootD import client
-from XRootD.client.flags import DirListFlags, OpenFlags, QueryCode, StatInfoFlags
 
 TEMP_MARKER = ".stashflow-tmp-"
 # Request timeouts are only checked every TimeoutResolution seconds (15 by default),

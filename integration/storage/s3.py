@@ -26,6 +26,7 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
+
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
     Corrupt,

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from stashflow.integration.servers import free_port
 
+from stashflow.integration.servers import free_port
 from tests.cache.harness import CacheProcess, MisbehavingOrigin, request
 
 MiB = 1 << 20

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from stashflow.cache.config import CacheConfig
 from stashflow.cache.eviction import make_policy
 from stashflow.cache.index import Index, NoSpace

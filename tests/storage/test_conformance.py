@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from stashflow.integration.checksums import Hasher
 from stashflow.integration.servers import free_port
 from stashflow.integration.servers.seaweedfs import SeaweedFS
@@ -31,7 +32,6 @@ from stashflow.integration.storage import (
 from stashflow.integration.storage.http import HTTPStorage, parse_digest
 from stashflow.integration.storage.posix import PosixStorage, map_os_error
 from stashflow.integration.storage.s3 import PART_SIZE, S3Storage
-
 from tests.conftest import require_real
 
 BACKENDS = ["posix", "root", "http", "s3"]
