@@ -1,10 +1,10 @@
 """A real HTTP origin that misbehaves on request, for the cache's failure tests.
 
-    /ok/<file>        a correct origin (HEAD, GET, Range)
-    /truncate/<file>  promises the full length, sends half, closes the connection
-    /slow/<file>      sends 1 KiB per second
-    /hang/<file>      answers HEAD, never answers GET
-    /hanghead/<file>  never answers at all
+/ok/<file>        a correct origin (HEAD, GET, Range)
+/truncate/<file>  promises the full length, sends half, closes the connection
+/slow/<file>      sends 1 KiB per second
+/hang/<file>      answers HEAD, never answers GET
+/hanghead/<file>  never answers at all
 """
 
 from __future__ import annotations
