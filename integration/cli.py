@@ -12,8 +12,8 @@ import click
 # group name -> (module, attribute) providing a click.Group
 _GROUPS = {
     "cache": ("stashflow.cache.cli", "cache_group"),
-    "director": ("stashflow.cache.cli", "director_group"),
-    "origin": ("stashflow.cache.cli", "origin_group"),
+    "director": ("stashflow.cache.director.cli", "director_group"),
+    "origin": ("stashflow.cache.origin.cli", "origin_group"),
     "token": ("stashflow.integration.tokens_cli", "token_group"),
     "placement": ("stashflow.placement.cli", "placement_group"),
     "swdist": ("stashflow.swdist.cli", "swdist_group"),
