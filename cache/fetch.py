@@ -16,10 +16,12 @@ import errno
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
+
+from crc32c import crc32c as _crc32c
 
 from stashflow.cache import metrics
 from stashflow.cache.admission import Admission
@@ -30,6 +32,7 @@ from stashflow.integration.checksums import block_crc
 from stashflow.integration.storage import Corrupt, NotFound
 
 log = logging.getLogger("stashflow.cache")
+Buffer: TypeAlias = bytes | memoryview
 
 
 class Stalled(Exception):
@@ -58,49 +61,87 @@ async def guarded(
     chunks: AsyncIterator[bytes], origin: str, window: float, min_rate: int
 ) -> AsyncIterator[bytes]:
     """Pass chunks through, raising Stalled when no byte arrives for a whole window or
-    fewer than `min_rate` bytes/s arrive over one."""
+    fewer than `min_rate` bytes/s arrive over one.
+
+    One timeout is rescheduled per chunk (rather than a wait_for per chunk, which costs
+    a task each): it covers only the wait for the next chunk, never the consumer's time
+    between chunks."""
+    loop = asyncio.get_running_loop()
     start = time.monotonic()
     count = 0
     try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(anext(chunks), timeout=window)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise Stalled(f"origin {origin} sent nothing for {window:.0f}s") from None
-            count += len(chunk)
-            now = time.monotonic()
-            if now - start >= window:
-                rate = count / (now - start)
-                if rate < min_rate:
-                    raise Stalled(
-                        f"origin {origin} sent {rate / 1024:.1f} KiB/s over {now - start:.0f}s,"
-                        f" below the minimum of {min_rate / 1024:.0f} KiB/s"
-                    )
-                start, count = now, 0
-            yield chunk
+        async with asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + window)
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    if not deadline.expired():
+                        deadline.reschedule(None)
+                count += len(chunk)
+                now = time.monotonic()
+                if now - start >= window:
+                    rate = count / (now - start)
+                    if rate < min_rate:
+                        raise Stalled(
+                            f"origin {origin} sent {rate / 1024:.1f} KiB/s over {now - start:.0f}s,"
+                            f" below the minimum of {min_rate / 1024:.0f} KiB/s"
+                        )
+                    start, count = now, 0
+                yield chunk
+    except TimeoutError:
+        raise Stalled(f"origin {origin} sent nothing for {window:.0f}s") from None
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
 
 
-def _write_block(path: Path, offset: int, data: bytes) -> int:
-    """pwrite one block into the sparse data file; returns its crc32c."""
+def _take(parts: list[Buffer], n: int) -> tuple[list[Buffer], list[Buffer]]:
+    """Split the first `n` bytes off a list of buffers, without copying."""
+    out: list[Buffer] = []
+    i = 0
+    while n:
+        part = parts[i]
+        if len(part) <= n:
+            out.append(part)
+            n -= len(part)
+            i += 1
+        else:
+            view = memoryview(part)
+            out.append(view[:n])
+            parts[i] = view[n:]
+            n = 0
+    return out, parts[i:]
+
+
+def _write_block(path: Path, offset: int, parts: list[Buffer]) -> tuple[int, int, int]:
+    """Write one block, given as a list of buffers, into the sparse data file.
+    Returns its crc32c and the data file's mtime (ns) before and after the write."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        before = os.fstat(fd).st_mtime_ns
+        total = sum(len(p) for p in parts)
+        written = os.pwritev(fd, parts, offset) if total else 0
+        if written < total:  # a short write: finish it piece by piece
+            view = memoryview(b"".join(parts))[written:]
+            offset += written
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        after = os.fstat(fd).st_mtime_ns
     finally:
         os.close(fd)
-    return block_crc(data)
+    crc = 0
+    for part in parts:
+        crc = _crc32c(part, crc)
+    return int(crc), before, after
 
 
 class Fetcher:
@@ -111,6 +152,11 @@ class Fetcher:
         self._pending: dict[tuple[bytes, int, int], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._full_until = 0.0
+        # called (in the writing thread) with (record, block, data-file mtime before and
+        # after the write) once a block this process wrote is committed
+        self.on_written: Callable[[Record, int, int, int], None] | None = None
+        # called when a write finds the cache disk full (bytes or inodes)
+        self.on_full: Callable[[], None] | None = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -196,46 +242,85 @@ class Fetcher:
     async def _fetch_run(
         self, ns: Namespace, rec: Record, blocks: list[int], demand_last: int
     ) -> None:
+        """Fetch a run of contiguous blocks with one ranged request.
+
+        Blocks are committed in order while the next ones are being received: a
+        committer task hands every block complete so far to a thread in one batch
+        (write, checksum, one index transaction), so that a slow disk makes batches
+        larger rather than the transfer slower, and a fast one commits block by block."""
         bs = rec.block_size
         offset = blocks[0] * bs
         length = sum(rec.block_len(i) for i in blocks)
         rel = ns.relative(rec.key)
-        next_i = 0
+        done = 0  # blocks committed
+        ready: list[tuple[int, list[Buffer]]] = []  # complete blocks not handed on yet
+        committer: asyncio.Task[None] | None = None
         origin = ns.prefix
+        demand = metrics.ORIGIN_BYTES.labels(origin, "demand")
+        prefetch = metrics.ORIGIN_BYTES.labels(origin, "prefetch")
+
+        async def commit_ready() -> None:
+            nonlocal done
+            while ready:
+                batch = ready[:]
+                ready.clear()
+                await self._commit(rec, batch)
+                done += len(batch)
+
+        def kick() -> None:
+            nonlocal committer
+            if committer is not None and committer.done():
+                task, committer = committer, None
+                task.result()  # raises what the last batch failed with
+            if committer is None and ready:
+                committer = asyncio.ensure_future(commit_ready())
+
         try:
             async with self.admission.slot(origin):
                 metrics.INFLIGHT.labels(origin).inc()
                 try:
-                    buf = bytearray()
+                    parts: list[Buffer] = []
+                    have = 0
+                    cut = 0  # blocks cut from the stream
 
-                    async def drain() -> None:
-                        nonlocal next_i
-                        while next_i < len(blocks) and len(buf) >= rec.block_len(blocks[next_i]):
-                            idx = blocks[next_i]
+                    def cut_blocks() -> None:
+                        nonlocal parts, have, cut
+                        while cut < len(blocks) and have >= rec.block_len(blocks[cut]):
+                            idx = blocks[cut]
                             n = rec.block_len(idx)
-                            data = bytes(buf[:n])
-                            del buf[:n]
-                            kind = "demand" if idx <= demand_last else "prefetch"
-                            metrics.ORIGIN_BYTES.labels(origin, kind).inc(n)
-                            await self._commit(rec, idx, data)
-                            next_i += 1
+                            block, parts = _take(parts, n)
+                            have -= n
+                            (demand if idx <= demand_last else prefetch).inc(n)
+                            ready.append((idx, block))
+                            cut += 1
+                        kick()
 
                     stream = ns.storage.stream(rel, offset, length)
                     async for chunk in guarded(
                         stream, ns.origin_url, self.cfg.stall_window, self.cfg.min_rate
                     ):
-                        buf += chunk
-                        await drain()
-                    await drain()  # zero-length objects have a block with no bytes
-                    if next_i < len(blocks):
-                        got = len(buf) + sum(rec.block_len(i) for i in blocks[:next_i])
+                        parts.append(chunk)
+                        have += len(chunk)
+                        if cut < len(blocks) and have >= rec.block_len(blocks[cut]):
+                            cut_blocks()
+                    cut_blocks()  # zero-length objects have a block with no bytes
+                    while committer is not None:
+                        await asyncio.wait([committer])
+                        kick()
+                    if cut < len(blocks):
+                        got = have + sum(rec.block_len(i) for i in blocks[:cut])
                         raise Corrupt(
                             ns.storage.url_of(rel), f"origin sent {got} of {length} bytes promised"
                         )
                 finally:
                     metrics.INFLIGHT.labels(origin).dec()
         except BaseException as e:
-            rest = blocks[next_i:]
+            if committer is not None:
+                # let the batch in flight finish: its blocks are then committed, not lost
+                await asyncio.wait([committer])
+                if not committer.cancelled():
+                    committer.exception()  # if it failed, its blocks are released below
+            rest = blocks[done:]
             if rest:
                 await asyncio.to_thread(self.index.release, rec, rest)
             if isinstance(e, NotFound | Corrupt):
@@ -262,17 +347,37 @@ class Fetcher:
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    async def _commit(self, rec: Record, idx: int, data: bytes) -> None:
+    def _store(self, rec: Record, batch: list[tuple[int, list[Buffer]]]) -> bool:
+        """In a thread: write blocks, checksum them and commit them to the index."""
+        if rec.inline:
+            data = b"".join(p for _, parts in batch for p in parts)
+            return self.index.commit_inline(rec, data, block_crc(data))
+        path = self.index.data_path(rec)
+        crcs: list[tuple[int, int]] = []
+        first_mtime = last_mtime = 0
+        for i, (idx, parts) in enumerate(batch):
+            crc, before, after = _write_block(path, idx * rec.block_size, parts)
+            crcs.append((idx, crc))
+            if i == 0:
+                first_mtime = before
+            elif before != last_mtime:
+                first_mtime = -1  # someone else wrote in between: verify as usual
+            last_mtime = after
+        ok = self.index.commit_blocks(rec, crcs)
+        if ok and self.on_written is not None and first_mtime >= 0:
+            for idx, _ in crcs:
+                self.on_written(rec, idx, first_mtime, last_mtime)
+                first_mtime = last_mtime
+        return ok
+
+    async def _commit(self, rec: Record, batch: list[tuple[int, list[Buffer]]]) -> None:
         try:
-            if rec.inline:
-                ok = await asyncio.to_thread(self.index.commit_inline, rec, data, block_crc(data))
-            else:
-                path = self.index.data_path(rec)
-                crc = await asyncio.to_thread(_write_block, path, idx * rec.block_size, data)
-                ok = await asyncio.to_thread(self.index.commit_block, rec, idx, crc)
+            ok = await asyncio.to_thread(self._store, rec, batch)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._full_until = time.monotonic() + 5
+                if self.on_full is not None:
+                    self.on_full()
                 log.error(
                     "cache disk full while storing %s: serving from the origin uncached", rec.key
                 )
@@ -280,7 +385,8 @@ class Fetcher:
             raise
         if not ok:
             raise ObjectGone(f"{rec.key} changed or was evicted while being fetched")
-        self._settle(rec, idx)
+        for idx, _ in batch:
+            self._settle(rec, idx)
 
     async def _watch(self, ns: Namespace, rec: Record, blocks: list[int], demand_last: int) -> None:
         """Wait for blocks another process is fetching; take over those it abandons."""

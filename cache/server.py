@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import ipaddress
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
+
 from stashflow.cache import metrics
 from stashflow.cache.admission import Overloaded
 from stashflow.cache.config import CacheConfig
@@ -43,6 +45,7 @@ def error(status: int, message: str, **fields: Any) -> web.Response:
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
+@functools.lru_cache(maxsize=4096)
 def _http_date(ts: float) -> str:
     return email.utils.formatdate(ts, usegmt=True)
 
@@ -89,6 +92,7 @@ class ObjectHandler:
     def __init__(self, service: CacheService) -> None:
         self.svc = service
         self.cfg = service.cfg
+        self._per_result: dict[str, tuple[Any, Any]] = {}  # labelled metrics, by result
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -97,8 +101,12 @@ class ObjectHandler:
             return await self._handle(request, outcome)
         finally:
             result = outcome["result"]
-            metrics.REQUESTS.labels(result).inc()
-            metrics.LATENCY.labels(result).observe(time.perf_counter() - started)
+            children = self._per_result.get(result)
+            if children is None:
+                children = (metrics.REQUESTS.labels(result), metrics.LATENCY.labels(result))
+                self._per_result[result] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
     async def _handle(self, request: web.Request, outcome: dict[str, str]) -> web.StreamResponse:
         try:
@@ -207,7 +215,7 @@ class ObjectHandler:
         stored = self.svc.index.inline_data(rec)
         outcome["result"] = "hit" if stored is not None else "miss"
         try:
-            data = await self.svc.inline_bytes(ns, rec)
+            data = await self.svc.inline_bytes(ns, rec, stored)
         except (CacheFull, ObjectGone) as e:
             outcome["result"] = "bypass"
             log.warning("serving %s uncached: %s", rec.key, e)
@@ -450,6 +458,8 @@ class _BlockReader:
             except FileNotFoundError:
                 self._to_bypass("data file disappeared (evicted)")
                 return True
+        if self.svc.all_verified(self.fd, self.rec, crcs):
+            return True
         bad = await asyncio.to_thread(self.svc.verify_blocks, self.fd, self.rec, crcs)
         if bad:
             self.svc.corrupted(self.rec, bad)

@@ -5,6 +5,7 @@ and inode limits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -45,14 +46,19 @@ class CacheService:
         self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
         self.admission = Admission(cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit)
         self.fetcher = Fetcher(self.index, cfg, self.admission)
+        if cfg.verify == "on-change":
+            self.fetcher.on_written = self._written
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[Record]] = {}
         self._accesses: dict[bytes, tuple[int, float]] = {}
         self._verified: dict[tuple[bytes, int], _Verified] = {}
         self._background: list[asyncio.Task[None]] = []
         self.disk_state = "ok"
+        self._wake: asyncio.Event | None = None  # set to run housekeeping at once
 
     async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self.fetcher.on_full = self._wake.set
         self._background.append(asyncio.create_task(self._housekeeping()))
 
     async def close(self) -> None:
@@ -138,6 +144,16 @@ class CacheService:
 
     # -- integrity --------------------------------------------------------------------
 
+    def all_verified(self, fd: int, rec: Record, crcs: dict[int, int]) -> bool:
+        """Whether every block of `crcs` was verified in this version of the data file
+        (a cheap check that spares a trip to a thread for verify_blocks)."""
+        if self.cfg.verify == "always":
+            return False
+        seen = self._verified.get((rec.objid, rec.gen))
+        if seen is None or seen.mtime_ns != os.fstat(fd).st_mtime_ns:
+            return False
+        return all(idx in seen.blocks for idx in crcs)
+
     def verify_blocks(self, fd: int, rec: Record, crcs: dict[int, int]) -> list[int]:
         """Check the blocks `crcs` against the data file; return the corrupted ones.
 
@@ -164,16 +180,36 @@ class CacheService:
                 bad.append(idx)
         return bad
 
+    def _written(self, rec: Record, idx: int, mtime_before: int, mtime_after: int) -> None:
+        """A block this process just wrote (from the bytes it checksummed) is verified.
+
+        Only if nothing else wrote to the data file since it was last verified (its
+        mtime then is the one before our write): otherwise the blocks verified before
+        are forgotten and will be checked again."""
+        key = (rec.objid, rec.gen)
+        seen = self._verified.get(key)
+        if seen is None or seen.mtime_ns != mtime_before:
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+            seen = self._verified[key] = _Verified(mtime_after)
+        else:
+            seen.mtime_ns = mtime_after
+        seen.blocks.add(idx)
+
     def corrupted(self, rec: Record, blocks: list[int]) -> None:
         metrics.CORRUPT_BLOCKS.inc(len(blocks))
         log.error("corrupted cached block(s) %s of %s: dropped, will be refetched", blocks, rec.key)
         for idx in blocks:
             self.index.drop_block(rec, idx)
 
-    async def inline_bytes(self, ns: Namespace, rec: Record) -> bytes:
-        """The content of a small object, fetched if absent or corrupted."""
-        for _attempt in range(3):
-            stored = self.index.inline_data(rec)
+    async def inline_bytes(
+        self, ns: Namespace, rec: Record, stored: tuple[int, bytes] | None = None
+    ) -> bytes:
+        """The content of a small object, fetched if absent or corrupted. `stored` is
+        what the caller already read from the index, if it did."""
+        for attempt in range(3):
+            if attempt or stored is None:
+                stored = self.index.inline_data(rec)
             if stored is not None:
                 crc, data = stored
                 if block_crc(data) == crc:
@@ -289,8 +325,12 @@ class CacheService:
 
     async def _housekeeping(self) -> None:
         last_sync = time.monotonic()
+        assert self._wake is not None
         while True:
-            await asyncio.sleep(1.0)
+            # every second, and at once when a write found the cache disk full
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
             try:
                 await asyncio.to_thread(self._flush_accesses)
                 await asyncio.to_thread(self.enforce_limits)
