@@ -33,6 +33,13 @@ from stashflow.integration.storage import Corrupt, NotFound
 
 log = logging.getLogger("stashflow.cache")
 Buffer: TypeAlias = bytes | memoryview
+# A block's future resolves as soon as its bytes are in this worker's memory (to the
+# bytes, so that waiting clients are served without waiting for the disk), or to None
+# when the block became present on disk through another worker.
+BlockFuture: TypeAlias = "asyncio.Future[list[Buffer] | None]"
+
+
+MAX_BACKLOG_BLOCKS = 64
 
 
 class Stalled(Exception):
@@ -52,7 +59,7 @@ class ObjectGone(Exception):
 class Fill:
     """Blocks of one object being made present, as seen by one request."""
 
-    futures: dict[int, asyncio.Future[None]]
+    futures: dict[int, BlockFuture]
     was_present: int
     was_missing: int
 
@@ -149,7 +156,7 @@ class Fetcher:
         self.index = index
         self.cfg = cfg
         self.admission = admission
-        self._pending: dict[tuple[bytes, int, int], asyncio.Future[None]] = {}
+        self._pending: dict[tuple[bytes, int, int], BlockFuture] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._full_until = 0.0
         # called (in the writing thread) with (record, block, data-file mtime before and
@@ -178,19 +185,32 @@ class Fetcher:
         futures for those not present yet. Blocks after `demand_last` are read-ahead.
         Raises CacheFull when nothing can be stored."""
         present = self.present(rec, first, last)
-        futures: dict[int, asyncio.Future[None]] = {}
+        futures: dict[int, BlockFuture] = {}
         wanted: list[int] = []
+        in_memory = 0  # fetched already, on its way to the disk: no origin request
         for idx in range(first, last + 1):
             if idx in present:
                 continue
             fut = self._pending.get((rec.objid, rec.gen, idx))
             if fut is not None:
                 futures[idx] = fut
+                in_memory += self.delivered(fut)
             else:
                 wanted.append(idx)
         if wanted:
             self._start(ns, rec, wanted, demand_last, futures)
-        return Fill(futures, len(present), last - first + 1 - len(present))
+        have = len(present) + in_memory
+        return Fill(futures, have, last - first + 1 - have)
+
+    @staticmethod
+    def delivered(fut: BlockFuture) -> bool:
+        return fut.done() and not fut.cancelled() and fut.exception() is None and (
+            fut.result() is not None
+        )
+
+    def in_memory(self, rec: Record, idx: int) -> bool:
+        fut = self._pending.get((rec.objid, rec.gen, idx))
+        return fut is not None and self.delivered(fut)
 
     def _start(
         self,
@@ -198,7 +218,7 @@ class Fetcher:
         rec: Record,
         wanted: list[int],
         demand_last: int,
-        futures: dict[int, asyncio.Future[None]],
+        futures: dict[int, BlockFuture],
     ) -> None:
         if time.monotonic() < self._full_until:
             raise CacheFull("the cache disk was full moments ago")
@@ -213,7 +233,7 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         taken = set(claim.blocks)
         for idx in wanted:
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: BlockFuture = loop.create_future()
             # a failed fill must not warn "exception never retrieved" if nobody waits
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._pending[(rec.objid, rec.gen, idx)] = fut
@@ -231,6 +251,7 @@ class Fetcher:
             self._spawn(self._watch(ns, rec, elsewhere, demand_last))
 
     def _settle(self, rec: Record, idx: int, exc: BaseException | None = None) -> None:
+        """The block is committed (or failed): later requests look at the index."""
         fut = self._pending.pop((rec.objid, rec.gen, idx), None)
         if fut is None or fut.done():
             return
@@ -238,6 +259,14 @@ class Fetcher:
             fut.set_result(None)
         else:
             fut.set_exception(exc)
+
+    def _deliver(self, rec: Record, idx: int, parts: list[Buffer]) -> None:
+        """The block's bytes arrived: wake its waiters now. The future stays pending in
+        `_pending` until the block is committed, so that requests arriving meanwhile get
+        the bytes from memory too instead of claiming the block again."""
+        fut = self._pending.get((rec.objid, rec.gen, idx))
+        if fut is not None and not fut.done():
+            fut.set_result(parts)
 
     async def _fetch_run(
         self, ns: Namespace, rec: Record, blocks: list[int], demand_last: int
@@ -292,6 +321,7 @@ class Fetcher:
                             have -= n
                             (demand if idx <= demand_last else prefetch).inc(n)
                             ready.append((idx, block))
+                            self._deliver(rec, idx, block)
                             cut += 1
                         kick()
 
@@ -303,6 +333,11 @@ class Fetcher:
                         have += len(chunk)
                         if cut < len(blocks) and have >= rec.block_len(blocks[cut]):
                             cut_blocks()
+                        # bound the memory of blocks served but not yet on disk: a disk
+                        # slower than the origin slows the transfer instead
+                        while committer is not None and cut - done > MAX_BACKLOG_BLOCKS:
+                            await asyncio.wait([committer])
+                            kick()
                     cut_blocks()  # zero-length objects have a block with no bytes
                     while committer is not None:
                         await asyncio.wait([committer])

@@ -19,7 +19,7 @@ from aiohttp.web_request import BaseRequest
 from stashflow.cache import metrics
 from stashflow.cache.admission import Overloaded
 from stashflow.cache.config import CacheConfig
-from stashflow.cache.fetch import CacheFull, ObjectGone, Stalled, guarded
+from stashflow.cache.fetch import BlockFuture, CacheFull, ObjectGone, Stalled, guarded
 from stashflow.cache.index import Record
 from stashflow.cache.namespace import BadPath, Namespace, clean_path
 from stashflow.cache.ranges import RangeError, Unsatisfiable, multipart_layout, parse_range
@@ -213,7 +213,8 @@ class ObjectHandler:
         outcome: dict[str, str],
     ) -> web.StreamResponse:
         stored = self.svc.index.inline_data(rec)
-        outcome["result"] = "hit" if stored is not None else "miss"
+        cached = stored is not None or self.svc.fetcher.in_memory(rec, 0)
+        outcome["result"] = "hit" if cached else "miss"
         try:
             data = await self.svc.inline_bytes(ns, rec, stored)
         except (CacheFull, ObjectGone) as e:
@@ -345,7 +346,7 @@ class _BlockReader:
         self.ns = ns
         self.rec = rec
         self.outcome = outcome
-        self.futures: dict[int, asyncio.Future[None]] = {}
+        self.futures: dict[int, BlockFuture] = {}
         self.horizon = -1  # blocks below have been ensured
         self.first_block = 0
         self.last_block = 0
@@ -423,18 +424,25 @@ class _BlockReader:
             fut = self.futures.pop(idx, None)
             if fut is not None:
                 try:
-                    await asyncio.shield(fut)
+                    parts = await asyncio.shield(fut)
                 except (CacheFull, ObjectGone) as e:
                     self._to_bypass(str(e))
                     continue
                 except Exception as e:
                     raise _ResponseStarted(str(e)) from e
-            # extend over blocks that are ready too, to send them in one sendfile
+                if parts is not None:
+                    # this worker fetched the block: send it from memory, without
+                    # waiting for it to reach the disk
+                    pos = await self._send_parts(resp, parts, idx * bs, pos, last)
+                    continue
+            # extend over blocks that are on disk too, to send them in one sendfile
             end_idx = idx
             limit = min(last // bs, self.horizon - 1)
             while end_idx < limit:
                 nxt = self.futures.get(end_idx + 1)
-                if nxt is not None and not (nxt.done() and nxt.exception() is None):
+                if nxt is not None and not (
+                    nxt.done() and nxt.exception() is None and nxt.result() is None
+                ):
                     break
                 end_idx += 1
                 if nxt is not None:
@@ -450,6 +458,21 @@ class _BlockReader:
             stop = min(last, (end_idx + 1) * bs - 1)
             await self._sendfile(resp, pos, stop - pos + 1)
             pos = stop + 1
+
+    async def _send_parts(
+        self, resp: web.StreamResponse, parts: list[Any], start: int, pos: int, last: int
+    ) -> int:
+        """Send bytes pos..last that fall in a block held in memory (beginning at
+        object offset `start`); returns the next position to send."""
+        for part in parts:
+            end = start + len(part)
+            if end > pos and start <= last:
+                view = memoryview(part)[pos - start : min(end, last + 1) - start]
+                await resp.write(view)
+                self.sent += len(view)
+                pos += len(view)
+            start = end
+        return pos
 
     async def _verified(self, crcs: dict[int, int]) -> bool:
         if self.fd is None:

@@ -219,7 +219,9 @@ class CacheService:
                 self.index.drop_inline(rec)
             fill = self.fetcher.ensure(ns, rec, 0, 0, 0)
             for fut in fill.futures.values():
-                await fut
+                parts = await fut
+                if parts is not None:  # fetched by this worker: the origin's bytes
+                    return b"".join(parts)
         raise Unavailable(rec.key, "could not obtain a verified copy of the object")
 
     # -- checksums --------------------------------------------------------------------
@@ -232,13 +234,11 @@ class CacheService:
             return known
         rel = ns.relative(rec.key)
         value: str | None = None
-        server_checksum = getattr(ns.storage, "server_checksum", None)
-        if server_checksum is not None:
-            try:
-                async with asyncio.timeout(self.cfg.origin_timeout):
-                    value = await server_checksum(rel, algorithm)
-            except (StorageError, TimeoutError) as e:
-                log.info("origin checksum of %s unavailable (%s); computing it", rec.key, e)
+        try:
+            async with asyncio.timeout(self.cfg.origin_timeout):
+                value = await ns.storage.server_checksum(rel, algorithm)
+        except (StorageError, TimeoutError) as e:
+            log.info("origin checksum of %s unavailable (%s); computing it", rec.key, e)
         if value is None:
             value = await self._compute_checksum(ns, rec, algorithm)
         await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
@@ -257,28 +257,39 @@ class CacheService:
         for start in range(0, last + 1, window):
             end = min(last, start + window - 1)
             fill = self.fetcher.ensure(ns, rec, start, end, last)
-            for fut in fill.futures.values():
-                await fut
-            crcs = self.index.present_blocks(rec, start, end)
+            # blocks this worker just fetched are hashed from memory, the others from disk
+            in_memory = {idx: await fut for idx, fut in fill.futures.items()}
+            on_disk = [i for i in range(start, end + 1) if in_memory.get(i) is None]
+            crcs = self.index.present_blocks(rec, start, end) if on_disk else {}
+            if any(i not in crcs for i in on_disk):
+                raise Unavailable(rec.key, "cached data was evicted while computing its checksum")
 
             def _hash_range(
-                start: int = start, end: int = end, crcs: dict[int, int] = crcs
+                start: int = start,
+                end: int = end,
+                in_memory: dict[int, Any] = in_memory,
+                crcs: dict[int, int] = crcs,
             ) -> list[int]:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY) if crcs else -1
                 try:
-                    bad = self.verify_blocks(fd, rec, crcs)
+                    bad = self.verify_blocks(fd, rec, crcs) if crcs else []
                     if bad:
                         return bad
                     for idx in range(start, end + 1):
-                        hasher.update(os.pread(fd, rec.block_len(idx), idx * rec.block_size))
+                        parts = in_memory.get(idx)
+                        if parts is None:
+                            parts = [os.pread(fd, rec.block_len(idx), idx * rec.block_size)]
+                        for part in parts:
+                            hasher.update(part)
                     return []
                 finally:
-                    os.close(fd)
+                    if fd >= 0:
+                        os.close(fd)
 
             bad = await asyncio.to_thread(_hash_range)
-            if bad or len(crcs) != end - start + 1:
+            if bad:
                 self.corrupted(rec, bad)
-                raise Unavailable(rec.key, "cached data changed while computing its checksum")
+                raise Unavailable(rec.key, "cached data was corrupted while computing its checksum")
         return hasher.hexdigest()
 
     # -- space ------------------------------------------------------------------------
