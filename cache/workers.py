@@ -21,17 +21,21 @@ from stashflow.cache.config import CacheConfig
 log = logging.getLogger("stashflow.cache")
 
 
-def _bind(cfg: CacheConfig) -> socket.socket:
+def _bind(cfg: CacheConfig, *, listen: bool) -> socket.socket:
+    """A socket on the cache's address with SO_REUSEPORT: each worker listens on its
+    own, so that the kernel spreads connections between workers (with one shared
+    listening socket, one worker may end up accepting all of them)."""
     host, port = cfg.host_port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         raise SystemExit(f"stashflow cache: cannot listen on {cfg.listen}: {e.strerror}") from None
-    sock.listen(1024)
-    sock.set_inheritable(True)
+    if listen:
+        sock.listen(1024)
     return sock
 
 
@@ -56,7 +60,7 @@ def _setup_logging(cfg: CacheConfig) -> None:
         access.setLevel(logging.INFO)
 
 
-async def _run_worker(cfg: CacheConfig, sock: socket.socket) -> None:
+async def _run_worker(cfg: CacheConfig) -> None:
     from aiohttp import web
 
     from stashflow.cache.server import AccessLogger, make_app
@@ -71,7 +75,7 @@ async def _run_worker(cfg: CacheConfig, sock: socket.socket) -> None:
         handle_signals=False,
     )
     await runner.setup()
-    site = web.SockSite(runner, sock)
+    site = web.SockSite(runner, _bind(cfg, listen=True))
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,9 +85,9 @@ async def _run_worker(cfg: CacheConfig, sock: socket.socket) -> None:
     await runner.cleanup()
 
 
-def _worker_main(cfg: CacheConfig, sock: socket.socket) -> None:
+def _worker_main(cfg: CacheConfig) -> None:
     try:
-        asyncio.run(_run_worker(cfg, sock))
+        asyncio.run(_run_worker(cfg))
     except Exception:
         log.exception("cache worker failed")
         os._exit(1)
@@ -113,7 +117,9 @@ def serve(cfg: CacheConfig) -> None:
 
     stats = with_index("recover")
     log.info("index recovered: %s", stats)
-    sock = _bind(cfg)
+    # held (bound, not listening) for the supervisor's lifetime: the port is checked
+    # once, with a clear error, and stays ours while workers come and go
+    reserved = _bind(cfg, listen=False)
     log.info(
         "cache listening on %s with %d worker(s), %s",
         cfg.listen,
@@ -121,7 +127,8 @@ def serve(cfg: CacheConfig) -> None:
         ", ".join(f"{k} -> {v}" for k, v in cfg.origins.items()),
     )
     if cfg.workers <= 1:
-        asyncio.run(_run_worker(cfg, sock))
+        asyncio.run(_run_worker(cfg))
+        reserved.close()
         return
 
     children: dict[int, float] = {}
@@ -132,7 +139,8 @@ def serve(cfg: CacheConfig) -> None:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _worker_main(cfg, sock)
+            reserved.close()
+            _worker_main(cfg)
         children[pid] = time.monotonic()
 
     def stop(signum: int, frame: object) -> None:
