@@ -328,8 +328,18 @@ class CacheService:
                 state = (
                     f"inodes exhausted on the cache filesystem ({fs['inode_use_ratio']:.0%} used)"
                 )
-        if fs["fs_free_bytes"] < self.cfg.block_size * self.cfg.window:
-            state = "cache filesystem full"
+        # the filesystem can fill before the quota does (a quota larger than the disk,
+        # or other users of it): keep room for a few fetch windows by evicting
+        reserve = min(
+            4 * self.cfg.block_size * self.cfg.window,
+            fs["fs_total_bytes"] * (1 - self.cfg.high_watermark),
+        )
+        if fs["fs_free_bytes"] < reserve:
+            result = self.index.evict(int(reserve - fs["fs_free_bytes"]))
+            metrics.EVICTIONS.inc(result.objects)
+            metrics.EVICTED_BYTES.inc(result.bytes)
+            if self.filesystem()["fs_free_bytes"] < min(reserve, self.cfg.block_size):
+                state = "cache filesystem full"
         if state != self.disk_state:
             (log.info if state == "ok" else log.error)("cache disk state: %s", state)
         self.disk_state = state
