@@ -124,16 +124,15 @@ def _take(parts: list[Buffer], n: int) -> tuple[list[Buffer], list[Buffer]]:
     return out, parts[i:]
 
 
-def _write_block(path: Path, offset: int, parts: list[Buffer]) -> tuple[int, int, int]:
+def _write_block(path: Path, offset: int, parts: list[Buffer]) -> int:
     """Write one block, given as a list of buffers, into the sparse data file.
-    Returns its crc32c and the data file's mtime (ns) before and after the write."""
+    Returns its crc32c."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
     try:
-        before = os.fstat(fd).st_mtime_ns
         total = sum(len(p) for p in parts)
         written = os.pwritev(fd, parts, offset) if total else 0
         if written < total:  # a short write: finish it piece by piece
@@ -142,13 +141,12 @@ def _write_block(path: Path, offset: int, parts: list[Buffer]) -> tuple[int, int
             while view:
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
-        after = os.fstat(fd).st_mtime_ns
     finally:
         os.close(fd)
     crc = 0
     for part in parts:
         crc = _crc32c(part, crc)
-    return int(crc), before, after
+    return int(crc)
 
 
 class Fetcher:
@@ -159,9 +157,6 @@ class Fetcher:
         self._pending: dict[tuple[bytes, int, int], BlockFuture] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._full_until = 0.0
-        # called (in the writing thread) with (record, block, data-file mtime before and
-        # after the write) once a block this process wrote is committed
-        self.on_written: Callable[[Record, int, int, int], None] | None = None
         # called when a write finds the cache disk full (bytes or inodes)
         self.on_full: Callable[[], None] | None = None
 
@@ -388,22 +383,8 @@ class Fetcher:
             data = b"".join(p for _, parts in batch for p in parts)
             return self.index.commit_inline(rec, data, block_crc(data))
         path = self.index.data_path(rec)
-        crcs: list[tuple[int, int]] = []
-        first_mtime = last_mtime = 0
-        for i, (idx, parts) in enumerate(batch):
-            crc, before, after = _write_block(path, idx * rec.block_size, parts)
-            crcs.append((idx, crc))
-            if i == 0:
-                first_mtime = before
-            elif before != last_mtime:
-                first_mtime = -1  # someone else wrote in between: verify as usual
-            last_mtime = after
-        ok = self.index.commit_blocks(rec, crcs)
-        if ok and self.on_written is not None and first_mtime >= 0:
-            for idx, _ in crcs:
-                self.on_written(rec, idx, first_mtime, last_mtime)
-                first_mtime = last_mtime
-        return ok
+        crcs = [(idx, _write_block(path, idx * rec.block_size, parts)) for idx, parts in batch]
+        return self.index.commit_blocks(rec, crcs)
 
     async def _commit(self, rec: Record, batch: list[tuple[int, list[Buffer]]]) -> None:
         try:

@@ -169,14 +169,19 @@ class ObjectHandler:
 
         want = request.headers.get("Want-Digest")
         if want:
+            # A GET of a large object does not wait for a checksum nobody has yet (it
+            # would need the whole object before the first byte): it is computed in
+            # the background, and a HEAD, or any later request, gets it.
+            wait = request.method == "HEAD" or rec.inline
             for algorithm in parse_want_digest(want):
                 try:
-                    value = await self.svc.checksum(ns, rec, algorithm)
+                    value = await self.svc.checksum(ns, rec, algorithm, wait=wait)
                 except (StorageError, CacheFull, ObjectGone, Stalled) as e:
                     log.warning("checksum %s of %s failed: %s", algorithm, key, e)
                     continue
-                headers["Digest"] = to_digest_header(algorithm, value)
-                break
+                if value is not None:
+                    headers["Digest"] = to_digest_header(algorithm, value)
+                    break
 
         self.svc.touch(rec)
         try:

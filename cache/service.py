@@ -23,6 +23,8 @@ from stashflow.integration.checksums import Hasher, block_crc
 from stashflow.integration.storage import NotFound, ObjectInfo, StorageError, Unavailable
 
 log = logging.getLogger("stashflow.cache")
+# file timestamps have a granularity (a kernel tick; a second on some filesystems)
+RACY_NS = 1_000_000_000
 
 
 class OriginTimeout(Exception):
@@ -46,10 +48,9 @@ class CacheService:
         self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
         self.admission = Admission(cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit)
         self.fetcher = Fetcher(self.index, cfg, self.admission)
-        if cfg.verify == "on-change":
-            self.fetcher.on_written = self._written
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[Record]] = {}
+        self._checksums: dict[tuple[bytes, int, str], asyncio.Future[str]] = {}
         self._accesses: dict[bytes, tuple[int, float]] = {}
         self._verified: dict[tuple[bytes, int], _Verified] = {}
         self._background: list[asyncio.Task[None]] = []
@@ -159,8 +160,11 @@ class CacheService:
 
         With verify='on-change' a block is checked once per version of the data file
         (its mtime): any write to the file, including one that corrupts it, changes
-        the mtime and makes every block of it checked again."""
+        the mtime and makes every block of it checked again. As in git's "racy clean"
+        rule, a check is remembered only when the mtime is older than the timestamp
+        granularity: a write in the same tick as the last one would not change it."""
         mtime_ns = os.fstat(fd).st_mtime_ns
+        remember = time.time_ns() - mtime_ns > RACY_NS
         key = (rec.objid, rec.gen)
         seen = self._verified.get(key)
         if seen is None or seen.mtime_ns != mtime_ns or self.cfg.verify == "always":
@@ -175,26 +179,11 @@ class CacheService:
             length = rec.block_len(idx)
             data = os.pread(fd, length, idx * rec.block_size)
             if len(data) == length and block_crc(data) == crc:
-                seen.blocks.add(idx)
+                if remember:
+                    seen.blocks.add(idx)
             else:
                 bad.append(idx)
         return bad
-
-    def _written(self, rec: Record, idx: int, mtime_before: int, mtime_after: int) -> None:
-        """A block this process just wrote (from the bytes it checksummed) is verified.
-
-        Only if nothing else wrote to the data file since it was last verified (its
-        mtime then is the one before our write): otherwise the blocks verified before
-        are forgotten and will be checked again."""
-        key = (rec.objid, rec.gen)
-        seen = self._verified.get(key)
-        if seen is None or seen.mtime_ns != mtime_before:
-            if len(self._verified) > 100_000:
-                self._verified.clear()
-            seen = self._verified[key] = _Verified(mtime_after)
-        else:
-            seen.mtime_ns = mtime_after
-        seen.blocks.add(idx)
 
     def corrupted(self, rec: Record, blocks: list[int]) -> None:
         metrics.CORRUPT_BLOCKS.inc(len(blocks))
@@ -226,12 +215,27 @@ class CacheService:
 
     # -- checksums --------------------------------------------------------------------
 
-    async def checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
+    async def checksum(
+        self, ns: Namespace, rec: Record, algorithm: str, *, wait: bool = True
+    ) -> str | None:
         """The object's checksum: known, from the origin's server-side checksum, or
-        computed once from the cached data (fetching what is missing)."""
+        computed once from the cached data (fetching what is missing). Without `wait`,
+        a computation that is needed runs in the background and None is returned."""
         known = rec.checksums.get(algorithm)
         if known:
             return known
+        key = (rec.objid, rec.gen, algorithm)
+        task = self._checksums.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._checksum(ns, rec, algorithm))
+            self._checksums[key] = task
+            task.add_done_callback(lambda t: self._checksums.pop(key, None))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if wait:
+            return await asyncio.shield(task)
+        return None
+
+    async def _checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
         rel = ns.relative(rec.key)
         value: str | None = None
         try:

@@ -1,0 +1,184 @@
+"""Namespace operations the Storage interface does not have (yet): create and remove a
+directory, rename. WebDAV needs them (MKCOL, DELETE of a collection, MOVE) and the
+HTTP storage adapter's atomic writes rely on MOVE.
+
+Each backend gets its native operation where it has one (rename(2), XRootD mv/mkdir);
+otherwise MOVE falls back to copy-then-delete through the Storage interface, which keeps
+the destination atomic (Storage.write is) but is not atomic as a whole: for an instant
+both names exist. Directory operations without a native equivalent raise Unsupported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from typing import Any
+
+from stashflow.integration.storage import (
+    NotFound,
+    PermissionDenied,
+    Storage,
+    StorageError,
+    Unsupported,
+)
+from stashflow.integration.storage.posix import PosixStorage, map_os_error
+
+
+class Conflict(StorageError):
+    """The operation cannot be done in the current state (parent missing, directory
+    not empty, target exists): HTTP 409 or 405, as the caller decides."""
+
+
+class Exists(Conflict):
+    """The target already exists."""
+
+
+def _posix_path(storage: PosixStorage, rel: str) -> str:
+    # `rel` comes from clean_path (no '..', no empty segments): it cannot leave the root.
+    return os.path.join(storage.root, rel) if rel else str(storage.root)
+
+
+def _root_parts(storage: Storage) -> tuple[Any, str] | None:
+    """(XRootD FileSystem, absolute base path) for a root:// storage, else None."""
+    if storage.scheme != "root":
+        return None
+    from XRootD import client
+
+    server = getattr(storage, "server", None)
+    base = getattr(storage, "base", None)
+    if not isinstance(server, str) or not isinstance(base, str):
+        return None
+    return client.FileSystem(server), base.rstrip("/")
+
+
+async def _xrootd(
+    root: tuple[Any, str], storage: Storage, rel: str, method: str, *args: Any
+) -> None:
+    from stashflow.integration.storage.root import error_for_status
+
+    fs, _ = root
+    timeout = int(getattr(storage, "timeout", 30))
+    status, _ = await asyncio.to_thread(getattr(fs, method), *args, timeout=timeout)
+    if not status.ok:
+        raise error_for_status(storage.url_of(rel), status)
+
+
+def _s3_client(storage: Storage) -> tuple[Any, str, str] | None:
+    """(boto3 client, bucket, key prefix) of an s3:// storage, else None. The S3
+    adapter has no directory call; a "folder marker" object (key ending in '/') is the
+    S3 convention for an empty directory, and the adapter already treats one as such."""
+    if storage.scheme != "s3":
+        return None
+    client = getattr(storage, "_client", None)
+    bucket = getattr(storage, "bucket", None)
+    prefix = getattr(storage, "prefix", "")
+    if client is None or not isinstance(bucket, str):
+        return None
+    return client, bucket, str(prefix)
+
+
+async def make_collection(storage: Storage, rel: str) -> None:
+    """Create the directory `rel`; its parent must exist (RFC 4918: 409 otherwise)."""
+    url = storage.url_of(rel)
+    parent = rel.rpartition("/")[0]
+    if isinstance(storage, PosixStorage):
+        try:
+            await asyncio.to_thread(os.mkdir, _posix_path(storage, rel), 0o755)
+        except FileExistsError:
+            raise Exists(url, "already exists") from None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise Conflict(url, "parent directory does not exist") from None
+            raise map_os_error(url, e) from None
+        return
+    if parent:
+        try:
+            if not (await storage.stat(parent)).is_dir:
+                raise Conflict(url, "parent is not a directory")
+        except NotFound:
+            raise Conflict(url, "parent directory does not exist") from None
+    root = _root_parts(storage)
+    if root is not None:
+        from XRootD.client.flags import MkDirFlags
+
+        await _xrootd(root, storage, rel, "mkdir", f"{root[1]}/{rel}", MkDirFlags.NONE, 0o755)
+        return
+    s3 = _s3_client(storage)
+    if s3 is not None:
+        client, bucket, prefix = s3
+        key = f"{prefix}/{rel}/" if prefix else f"{rel}/"
+        try:
+            await asyncio.to_thread(client.put_object, Bucket=bucket, Key=key, Body=b"")
+        except Exception as e:  # botocore's error family, mapped by the adapter's helper
+            from stashflow.integration.storage.s3 import error_for
+
+            raise error_for(url, e) from None
+        return
+    raise Unsupported(url, f"the {storage.scheme} backend cannot create directories")
+
+
+async def remove_collection(storage: Storage, rel: str) -> None:
+    """Remove the empty directory `rel` (409 Conflict when it is not empty)."""
+    url = storage.url_of(rel)
+    if isinstance(storage, PosixStorage):
+        try:
+            await asyncio.to_thread(os.rmdir, _posix_path(storage, rel))
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise Conflict(url, "directory is not empty") from None
+            raise map_os_error(url, e) from None
+        return
+    try:
+        children = await storage.list(rel)
+    except NotFound:
+        children = []
+    if children:
+        raise Conflict(url, "directory is not empty")
+    root = _root_parts(storage)
+    if root is not None:
+        await _xrootd(root, storage, rel, "rmdir", f"{root[1]}/{rel}")
+        return
+    s3 = _s3_client(storage)
+    if s3 is not None:
+        client, bucket, prefix = s3
+        key = f"{prefix}/{rel}/" if prefix else f"{rel}/"
+        await asyncio.to_thread(client.delete_object, Bucket=bucket, Key=key)
+        return
+    raise Unsupported(url, f"the {storage.scheme} backend cannot remove directories")
+
+
+async def move(storage: Storage, source: str, target: str) -> None:
+    """Rename `source` to `target` within one storage, replacing `target`."""
+    url = storage.url_of(source)
+    if isinstance(storage, PosixStorage):
+        src, dst = _posix_path(storage, source), _posix_path(storage, target)
+
+        def rename() -> None:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)  # atomic: readers of `target` see old or new, never half
+
+        try:
+            await asyncio.to_thread(rename)
+        except OSError as e:
+            if e.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise Conflict(url, f"cannot replace {target}: {e.strerror}") from None
+            raise map_os_error(url, e) from None
+        return
+    root = _root_parts(storage)
+    if root is not None:
+        base = root[1]
+        await _xrootd(root, storage, source, "mv", f"{base}/{source}", f"{base}/{target}")
+        return
+    info = await storage.stat(source)
+    if info.is_dir:
+        raise Unsupported(url, f"the {storage.scheme} backend cannot rename directories")
+    # Copy then delete: the destination appears whole (write is atomic); if the delete
+    # fails the source stays behind, which loses nothing.
+    await storage.write(target, storage.stream(source))
+    try:
+        await storage.delete(source)
+    except NotFound:
+        pass
+    except PermissionDenied as e:
+        raise StorageError(url, f"copied to {target} but could not remove it: {e.reason}") from e

@@ -1,0 +1,179 @@
+"""Fixtures for the job-side client: real cache processes in front of posix origins,
+and `stashcp` run as a real command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stashflow.integration.servers import free_port, wait_for_port
+from tests.cache.harness import ROOT, CacheProcess
+from tests.conftest import require_real
+
+MiB = 1 << 20
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def stashcp(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> Run:
+    """Run the real command line (as installed: stashflow.cache.client.stashcp:main)."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STASHFLOW_CLIENT_", "BEARER_TOKEN")) and k != "STASHFLOW_DIRECTOR"
+    }
+    # keep runs independent of a token lying around on the machine
+    base["XDG_RUNTIME_DIR"] = str(cwd or ROOT)
+    base.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "stashflow.cache.client.stashcp", *args],
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def origin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("origin")
+    (root / "small.txt").write_bytes(b"hello stashflow\n")
+    (root / "medium.bin").write_bytes(os.urandom(3 * MiB + 17))
+    (root / "big.bin").write_bytes(os.urandom(24 * MiB + 5))
+    (root / "empty").write_bytes(b"")
+    many = root / "many"
+    many.mkdir()
+    for i in range(40):
+        (many / f"f{i:03d}.dat").write_bytes(os.urandom(1000 + 97 * i))
+    (root / "table.csv").write_text(
+        "id,name,value\n" + "".join(f"{i},row{i},{i * 1.5}\n" for i in range(500))
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def caches(
+    origin_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[CacheProcess, CacheProcess]]:
+    d = tmp_path_factory.mktemp("caches")
+    a = CacheProcess(d / "a", {"/ns": f"file://{origin_dir}"}).start()
+    try:
+        b = CacheProcess(d / "b", {"/ns": f"file://{origin_dir}"}).start()
+    except Exception:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def cache(caches: tuple[CacheProcess, CacheProcess]) -> CacheProcess:
+    return caches[0]
+
+
+def access_log(cache: CacheProcess) -> list[dict[str, Any]]:
+    path = cache.directory.parent / f"access-{cache.port}.log"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def dead_url() -> str:
+    """A URL where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+ISSUER = "https://issuer.stashflow.test"
+
+
+def _cli(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "stashflow.integration.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@dataclass
+class Origin:
+    url: str
+    data: Path
+    key: Path
+
+    def token(self, *scopes: str) -> str:
+        args = ["token", "issue", "--key", str(self.key), "--issuer", ISSUER]
+        for s in scopes:
+            args += ["--scope", s]
+        return _cli(*args)
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    if importlib.util.find_spec("stashflow.cache.origin.cli") is None:
+        require_real("origin server", "stashflow.cache.origin is not in this tree")
+    base = tmp_path_factory.mktemp("webdav")
+    data = base / "data"
+    (data / "tree" / "sub" / "deeper").mkdir(parents=True)
+    (data / "tree" / "a.txt").write_bytes(b"alpha\n")
+    (data / "tree" / "sub" / "b.bin").write_bytes(os.urandom(300_000))
+    (data / "tree" / "sub" / "deeper" / "c.dat").write_bytes(os.urandom(5000))
+    (data / "tree" / "run1.log").write_bytes(b"1")
+    (data / "tree" / "run2.log").write_bytes(b"22")
+    (data / "up").mkdir()
+    keys = base / "issuer"
+    key = Path(json.loads(_cli("token", "keygen", "--out", str(keys)))["private_key"])
+    if not key.is_absolute():
+        key = ROOT / key
+    port = free_port()
+    log = open(base / "origin.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "stashflow.integration.cli", "origin", "serve",
+            "--listen", f"127.0.0.1:{port}", "--export", f"/ns=file://{data}",
+            "--public-export", "/ns", "--issuer", ISSUER, "--jwks", str(keys / "jwks.json"),
+            "--access-log", "off",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, timeout=30)
+        yield Origin(f"http://127.0.0.1:{port}", data, key)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

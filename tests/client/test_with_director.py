@@ -1,0 +1,144 @@
+"""`stashcp` in a whole federation: the real director (`stashflow director serve`)
+in front of two real caches and the real origin server."""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stashflow.cache.client.discovery import location_from_headers
+from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK
+from stashflow.integration.servers import free_port, wait_for_port
+from tests.cache.harness import ROOT, CacheProcess
+from tests.client.conftest import MiB, Origin, access_log, stashcp
+from tests.conftest import require_real
+
+
+@dataclass
+class Federation:
+    director: str
+    origin: Origin
+    caches: list[CacheProcess]
+
+    def candidates(self, path: str) -> list[str]:
+        """The director's answer, read without following it (as Pelican clients do)."""
+        u = urllib.parse.urlsplit(self.director)
+        conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 307, resp.status
+            return location_from_headers(dict(resp.getheaders())).urls
+        finally:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def federation(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    if importlib.util.find_spec("stashflow.cache.director.cli") is None:
+        require_real("director", "stashflow.cache.director is not in this tree")
+    base = tmp_path_factory.mktemp("federation")
+    (origin.data / "big").mkdir(exist_ok=True)
+    (origin.data / "big" / "large.bin").write_bytes(os.urandom(32 * MiB + 3))
+    caches = [
+        CacheProcess(base / f"cache{i}", {"/ns": origin.url + "/ns"}).start() for i in range(2)
+    ]
+    port = free_port()
+    log = open(base / "director.log", "wb")
+    args = [
+        sys.executable, "-m", "stashflow.integration.cli", "director", "serve",
+        "--listen", f"127.0.0.1:{port}", "--namespace", f"/ns={origin.url}/ns",
+    ]  # fmt: skip
+    for c in caches:
+        args += ["--cache", c.url]
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_for_port(port, timeout=30)
+        fed = Federation(f"http://127.0.0.1:{port}", origin, caches)
+        deadline = time.monotonic() + 20
+        while len(fed.candidates("/ns/tree/a.txt")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the director has seen both caches alive
+        yield fed
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        for c in caches:
+            c.stop()
+
+
+def test_download_listing_and_upload_through_the_director(
+    federation: Federation, tmp_path: Path
+) -> None:
+    env = {"STASHFLOW_DIRECTOR": federation.director}
+    r = stashcp("--json", "stash:///ns/tree/sub/b.bin", str(tmp_path), env=env)
+    assert r.code == EXIT_OK, r.stderr
+    data = (federation.origin.data / "tree" / "sub" / "b.bin").read_bytes()
+    assert (tmp_path / "b.bin").read_bytes() == data
+    first = federation.candidates("/ns/tree/sub/b.bin")[0]
+    assert r.json()["transfers"][0]["servers"] == [first.split("/ns/")[0]]
+    # -r: the listing comes from the namespace's collections-url
+    r = stashcp("-r", "osdf:///ns/tree", str(tmp_path / "t"), env=env)
+    assert r.code == EXIT_OK, r.stderr
+    assert (tmp_path / "t" / "sub" / "deeper" / "c.dat").exists()
+    r = stashcp("stash:///ns/tree/absent", str(tmp_path), env=env)
+    assert r.code == EXIT_NOT_FOUND
+    r = stashcp("stash:///elsewhere/x", str(tmp_path), env=env)
+    assert r.code == EXIT_NOT_FOUND and "namespace" in r.stderr
+    # uploads go to the origin the director names
+    src = tmp_path / "o.bin"
+    src.write_bytes(os.urandom(100_000))
+    token = federation.origin.token("storage.create:/ns/up")
+    r = stashcp(str(src), "stash:///ns/up/dir-upload.bin", env={**env, "BEARER_TOKEN": token})
+    assert r.code == EXIT_OK, r.stderr
+    assert (federation.origin.data / "up" / "dir-upload.bin").read_bytes() == src.read_bytes()
+
+
+def test_preferred_cache_killed_mid_download(federation: Federation, tmp_path: Path) -> None:
+    """The director's first choice dies while serving a large file: the download
+    completes from the other cache, byte-identical."""
+    path = "/ns/big/large.bin"
+    order = [u.split("/ns/")[0] for u in federation.candidates(path)]
+    victim = next(c for c in federation.caches if c.url == order[0])
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "stashflow.cache.client.stashcp", "--json",
+            "--director", federation.director, "--limit-rate", "12MiB",
+            "--chunk-size", "2MiB", "--chunks", "2", f"stash://{path}", str(tmp_path / "l.bin"),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if len([e for e in access_log(victim) if e["path"] == path]) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None
+        victim.kill9()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_OK, stderr
+    expected = (federation.origin.data / "big" / "large.bin").read_bytes()
+    assert (tmp_path / "l.bin").read_bytes() == expected
+    t = json.loads(stdout)["transfers"][0]
+    assert set(t["servers"]) == set(order[:2])
