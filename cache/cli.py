@@ -55,6 +55,17 @@ def cache_group() -> None:
 @click.option("--low-watermark", help="Evict down to this share of --size [90%].")
 @click.option("--revalidate-ttl", help="Re-check objects with the origin after this long [60s].")
 @click.option("--admin-token", help="Bearer token for the admin API (default: loopback only).")
+@click.option("--director", help="Director URL to register with; namespaces, origins and "
+                                 "token requirements are then learned from it.")
+@click.option("--site", help="Site name given to the director (to send nearby clients here).")
+@click.option("--name", help="Identity at the director [the public URL].")
+@click.option("--public-url", help="URL the director sends clients to [http://LISTEN].")
+@click.option("--protected", multiple=True, metavar="/NS",
+              help="Namespace whose reads need a WLCG token (storage.read). Repeatable.")
+@click.option("--issuer", "issuers", multiple=True, metavar="URL[=JWKS]",
+              help="Token issuer trusted for protected namespaces, with its JWKS file or "
+                   "URL (discovered from the issuer when omitted). Repeatable.")
+@click.option("--origin-token-file", help="Token the cache presents to protected origins.")
 @click.option("--access-log", help="Access log file, '-' for stderr [-].")
 def serve(config_path: str | None, **flags: Any) -> None:
     """Serve objects of one or more origins, caching them on local disk.

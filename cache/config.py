@@ -37,7 +37,24 @@ class CacheConfig:
     admin_token: str | None = None
     access_log: str | None = "-"  # "-" = stderr, None = off, else a file
     verify: str = "on-change"  # "on-change" or "always": when block checksums are checked
+    # federation: the director to register with, and how this cache presents itself
+    director: str | None = None
+    site: str | None = None
+    name: str | None = None  # identity at the director [public_url]
+    public_url: str | None = None  # the URL clients are sent to [http://listen]
+    registration_token: str | None = None
+    # tokens: namespaces whose reads need a WLCG token, the issuers trusted for them
+    protected: list[str] = field(default_factory=list)
+    issuers: dict[str, str] = field(default_factory=dict)  # issuer -> JWKS file/URL ("" = discover)
+    origin_token_file: str | None = None  # the cache's own token for protected origins
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def advertised_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.host_port
+        return f"http://{host}:{port}"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -47,8 +64,12 @@ class CacheConfig:
         return host.strip("[]"), int(port)
 
     def check(self) -> None:
-        if not self.origins:
-            raise ConfigError("no origin configured: give at least one --origin /ns=URL")
+        if not self.origins and not self.director:
+            raise ConfigError(
+                "no origin configured: give at least one --origin /ns=URL, or --director URL"
+            )
+        if self.protected and not self.issuers and not self.director:
+            raise ConfigError("protected namespaces need a trusted --issuer")
         if not 0 < self.low_watermark < self.high_watermark <= 1:
             raise ConfigError("watermarks must satisfy 0 < low < high <= 1")
         if self.block_size < 4096 or self.block_size & (self.block_size - 1):
@@ -78,6 +99,18 @@ class CacheConfig:
                 if not sep or not ns.startswith("/") or not url:
                     raise ConfigError(f"invalid origin {item!r}: use /ns=URL")
                 origins[ns] = url
+        issuers: dict[str, str] = {}
+        raw_issuers = values.pop("issuers", None) or values.pop("issuer", None) or {}
+        if isinstance(raw_issuers, dict):
+            issuers.update({str(k): str(v) for k, v in raw_issuers.items()})
+        else:
+            for item in raw_issuers:
+                # "https://issuer.example" or "https://issuer.example=/etc/jwks.json"
+                iss, _, jwks = str(item).partition("=")
+                issuers[iss] = jwks
+        values["issuers"] = issuers
+        if isinstance(values.get("protected"), tuple):
+            values["protected"] = list(values["protected"])
         if "dir" in values:
             values["directory"] = values.pop("dir")
         if "directory" not in values:

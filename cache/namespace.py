@@ -44,23 +44,65 @@ class Namespace:
     prefix: str  # "/ns", no trailing slash
     origin_url: str
     storage: Storage
+    protected: bool = False  # reads need a token with storage.read covering the path
 
     def relative(self, path: str) -> str:
         return path[len(self.prefix) :].lstrip("/")
 
 
-class NamespaceMap:
-    """Longest-prefix match of object paths to namespaces."""
+def _norm(prefix: str) -> str:
+    norm = "/" + prefix.strip("/")
+    if norm == "/":
+        raise ValueError("namespace '/' is not allowed: name it, e.g. /ns")
+    return norm
 
-    def __init__(self, origins: dict[str, str]) -> None:
+
+class NamespaceMap:
+    """Longest-prefix match of object paths to namespaces. Namespaces come from the
+    configuration and, in a federation, from the director (see `update`)."""
+
+    def __init__(
+        self,
+        origins: dict[str, str],
+        protected: set[str] | None = None,
+        origin_token: str | None = None,
+    ) -> None:
         self._spaces: list[Namespace] = []
+        self._origin_token = origin_token
+        protected = {_norm(p) for p in protected or ()}
         for prefix, url in origins.items():
-            norm = "/" + prefix.strip("/")
-            if norm == "/":
-                raise ValueError("namespace '/' is not allowed: name it, e.g. /ns")
-            self._spaces.append(Namespace(norm, url, open_storage(url)))
+            norm = _norm(prefix)
+            self._spaces.append(Namespace(norm, url, self._open(url), norm in protected))
+        self._sort()
+
+    def _open(self, url: str) -> Storage:
+        if self._origin_token and url.startswith(("http://", "https://")):
+            return open_storage(url, token=self._origin_token)
+        return open_storage(url)
+
+    def _sort(self) -> None:
         # longest prefix first so that /ns/sub wins over /ns
         self._spaces.sort(key=lambda ns: len(ns.prefix), reverse=True)
+
+    def update(self, learned: dict[str, tuple[str, bool]]) -> list[Storage]:
+        """Apply the director's namespace map {prefix: (origin URL, protected)}.
+        Locally configured namespaces are kept as they are; learned ones are added or
+        changed. Returns storages no longer used (for the caller to close)."""
+        retired: list[Storage] = []
+        current = {ns.prefix: ns for ns in self._spaces}
+        for prefix, (url, protected) in learned.items():
+            norm = _norm(prefix)
+            ns = current.get(norm)
+            if ns is None:
+                self._spaces.append(Namespace(norm, url, self._open(url), protected))
+            elif ns.origin_url != url:
+                retired.append(ns.storage)
+                ns.origin_url, ns.storage = url, self._open(url)
+                ns.protected = ns.protected or protected
+            else:
+                ns.protected = ns.protected or protected
+        self._sort()
+        return retired
 
     def __iter__(self) -> Iterator[Namespace]:
         return iter(self._spaces)

@@ -32,6 +32,7 @@ from stashflow.integration.storage import (
     StorageError,
     Unavailable,
 )
+from stashflow.integration.tokens import TokenError
 
 log = logging.getLogger("stashflow.cache")
 SERVICE: web.AppKey[CacheService] = web.AppKey("service", CacheService)
@@ -118,6 +119,17 @@ class ObjectHandler:
             return error(404, f"no namespace serves {key}", path=key)
         if key == ns.prefix:
             return error(404, f"{key} is a namespace, not an object", path=key)
+        if ns.protected:
+            try:
+                await self.svc.authorize(
+                    ns, key, request.headers.get("Authorization"), request.query.get("authz")
+                )
+            except TokenError as e:
+                outcome["result"] = "denied"
+                resp = error(e.status, f"{key}: {e}", path=key, reason=e.reason)
+                if e.status == 401:
+                    resp.headers["WWW-Authenticate"] = 'Bearer realm="stashflow"'
+                return resp
         try:
             rec = await self.svc.lookup(ns, key)
         except NotFound as e:

@@ -18,9 +18,18 @@ from stashflow.cache.config import CacheConfig
 from stashflow.cache.eviction import make_policy
 from stashflow.cache.fetch import Fetcher
 from stashflow.cache.index import Index, Record
+from stashflow.cache.membership import Membership, NamespaceInfo
 from stashflow.cache.namespace import Namespace, NamespaceMap
 from stashflow.integration.checksums import Hasher, block_crc
 from stashflow.integration.storage import NotFound, ObjectInfo, StorageError, Unavailable
+from stashflow.integration.tokens import (
+    Issuer,
+    MissingToken,
+    TokenVerifier,
+    WrongIssuer,
+    bearer_token,
+    key_source,
+)
 
 log = logging.getLogger("stashflow.cache")
 # file timestamps have a granularity (a kernel tick; a second on some filesystems)
@@ -41,10 +50,26 @@ class _Verified:
     blocks: set[int] = field(default_factory=set)
 
 
+def _read_token(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError as e:
+        raise ValueError(f"cannot read the origin token file {path}: {e.strerror}") from None
+
+
 class CacheService:
     def __init__(self, cfg: CacheConfig) -> None:
         self.cfg = cfg
-        self.namespaces = NamespaceMap(cfg.origins)
+        self.namespaces = NamespaceMap(
+            cfg.origins, set(cfg.protected), _read_token(cfg.origin_token_file)
+        )
+        self.verifier: TokenVerifier | None = None
+        for issuer, jwks in cfg.issuers.items():
+            self.trust(issuer, jwks or None)
+        self.membership: Membership | None = None
         self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
         self.admission = Admission(cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit)
         self.fetcher = Fetcher(self.index, cfg, self.admission)
@@ -61,16 +86,68 @@ class CacheService:
         self._wake = asyncio.Event()
         self.fetcher.on_full = self._wake.set
         self._background.append(asyncio.create_task(self._housekeeping()))
+        if self.cfg.director:
+            self.membership = Membership(self.cfg, self._member_status, self._learn)
+            await self.membership.start()
 
     async def close(self) -> None:
+        if self.membership is not None:
+            await self.membership.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.verifier is not None:
+            await self.verifier.close()
         await self.fetcher.close()
         await asyncio.to_thread(self._flush_accesses)
         await self.namespaces.close()
         self.index.sync()
         self.index.close()
+
+    # -- federation and tokens ----------------------------------------------------------
+
+    def trust(self, issuer: str, jwks: str | None) -> None:
+        """Accept tokens of `issuer` (keys from a JWKS file or URL, or discovered from
+        the issuer's openid-configuration when None)."""
+        if self.verifier is None:
+            self.verifier = TokenVerifier({}, audiences=[self.cfg.advertised_url])
+        if issuer not in self.verifier.issuers:
+            self.verifier.issuers[issuer] = Issuer(issuer, key_source(jwks, issuer=issuer))
+
+    def _member_status(self) -> dict[str, Any]:
+        active = sum(self.admission.active().values())
+        return {
+            "load": min(1.0, active / max(1, self.cfg.total_concurrency)),
+            "free_bytes": max(0, self.cfg.size - self.index.usage()),
+        }
+
+    def _learn(self, learned: NamespaceInfo) -> None:
+        for _prefix, (_url, require_token, issuer) in learned.items():
+            if require_token and issuer:
+                self.trust(issuer, None)
+        retired = self.namespaces.update(
+            {prefix: (url, require_token) for prefix, (url, require_token, _) in learned.items()}
+        )
+        for storage in retired:
+            task = asyncio.ensure_future(storage.close())
+            self._background.append(task)
+
+    async def authorize(self, ns: Namespace, key: str, authorization: str | None,
+                        authz: str | None) -> None:
+        """Reads of a protected namespace need a valid token whose storage.read scope
+        covers the object. Raises a TokenError carrying the HTTP status."""
+        if not ns.protected:
+            return
+        raw = bearer_token(authorization)
+        if raw is None and authz:
+            # XRootD and Pelican clients may pass the token as ?authz=Bearer%20<jwt>
+            raw = bearer_token(authz) or authz.strip() or None
+        if raw is None:
+            raise MissingToken(f"{key} is in a protected namespace: send a bearer token")
+        if self.verifier is None:
+            raise WrongIssuer("this cache trusts no token issuer for protected namespaces")
+        token = await self.verifier.verify(raw)
+        token.require("read", key)
 
     # -- finding objects --------------------------------------------------------------
 
