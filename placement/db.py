@@ -1,0 +1,165 @@
+"""Connecting to the catalog: engine set-up for SQLite (embedded) and PostgreSQL, sessions,
+and the schema-revision check that keeps a server off an unmigrated database."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Engine,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    false,
+    insert,
+    or_,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy.types import Boolean
+
+DEFAULT_URL = "sqlite:///placement.db"
+
+
+def normalise_url(url: str) -> str:
+    """Accept plain `postgresql://` and a bare file path; use psycopg 3 for PostgreSQL."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).absolute()}"
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 10)
+    kwargs.setdefault("pool_pre_ping", True)
+    # psycopg prepares a statement after five runs, and PostgreSQL may then pick a generic
+    # plan in which a long `name IN (...)` list is searched linearly for every row (only a
+    # constant list is hashed): bulk lookups got 50x slower as tables grew. Plan each time.
+    kwargs.setdefault("connect_args", {"prepare_threshold": None})
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling issues BEGIN lazily and DEFERRED; a deferred
+        # transaction that later writes can fail with "database is locked" without waiting.
+        # We take over: autocommit at the driver level, BEGIN IMMEDIATE ourselves below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
+
+
+class _NamesIn(ColumnElement[bool]):
+    """`column IN (names)`; on PostgreSQL `column = ANY(%(array)s)`: one parameter instead
+    of thousands, which psycopg would otherwise re-parse in the query text on every call."""
+
+    type = Boolean()
+    # The values live inside the construct, invisible to SQLAlchemy's statement cache.
+    inherit_cache = False
+
+    def __init__(self, column: Any, names: list[str]) -> None:
+        self.column = column
+        self.names = names
+
+
+@compiles(_NamesIn)
+def _names_in(element: _NamesIn, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.column.in_(element.names), **kw))
+
+
+@compiles(_NamesIn, "postgresql")
+def _names_in_postgresql(element: _NamesIn, compiler: Any, **kw: Any) -> str:
+    values = bindparam(None, element.names, type_=ARRAY(element.column.type))
+    return str(compiler.process(element.column == any_(values), **kw))
+
+
+def keys_in(scope_column: Any, name_column: Any, keys: list[tuple[str, str]]) -> Any:
+    """`(scope, name) IN keys`, written per scope as `scope = s AND name IN (...)`: both
+    databases then use the primary-key index, which a row-value IN list defeats."""
+    by_scope: dict[str, list[str]] = {}
+    for scope, name in keys:
+        by_scope.setdefault(scope, []).append(name)
+    clauses = [and_(scope_column == scope, _NamesIn(name_column, names))
+               for scope, names in by_scope.items()]
+    if not clauses:
+        return false()
+    return clauses[0] if len(clauses) == 1 else or_(*clauses)
+
+
+def bulk_insert(session: Session, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows fast, inside the session's transaction: COPY on PostgreSQL (an
+    executemany there is a statement per row, and a multi-row VALUES costs more to compile
+    than to run), the driver's executemany on SQLite."""
+    if not rows:
+        return
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    kinds = [table.c[name].type for name in columns]
+    quoted = ", ".join(f'"{name}"' for name in columns)
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(
+            f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([_copy_value(kind, row[name]) for name, kind in zip(columns, kinds,
+                                                                                strict=True)])
+
+
+def _copy_value(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(kind, JSON):
+        return json.dumps(value)
+    return value
+
+
+def current_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except DBAPIError:
+        return None
+    return None if row is None else str(row[0])

@@ -1,0 +1,906 @@
+"""Replication rules: synchronous creation (RSE selection, locks, transfer requests),
+soft deletion and the cleaner that removes expired rules, updates, analysis.
+
+Creation runs in the caller's transaction: either the rule, all its locks, the replicas in
+COPYING state, the shared transfer requests and the quota usage exist, or none of them.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from stashflow.placement import quota
+from stashflow.placement.accounts import get_account, is_admin
+from stashflow.placement.clock import rfc1123, utcnow
+from stashflow.placement.db import bulk_insert, keys_in
+from stashflow.placement.dids import (
+    CHUNK,
+    ancestors_of,
+    datasets_of,
+    get_did,
+    iter_files,
+    lock_collections,
+)
+from stashflow.placement.exceptions import (
+    AccessDenied,
+    DuplicateRule,
+    InsufficientAccountLimit,
+    InsufficientTargetRSEs,
+    InvalidObject,
+    InvalidReplicationRule,
+    InvalidRSEExpression,
+    InvalidRuleWeight,
+    RSEOverQuota,
+    RuleNotFound,
+    StagingAreaRuleRequiresLifetime,
+    UnsupportedOperation,
+)
+from stashflow.placement.models import (
+    DID,
+    RSE,
+    Attachment,
+    DIDType,
+    Lock,
+    LockState,
+    Replica,
+    ReplicaState,
+    Request,
+    RequestState,
+    RequestType,
+    Rule,
+    RuleGrouping,
+    RuleNotification,
+    RuleState,
+)
+from stashflow.placement.replicas import catalog_usage
+from stashflow.placement.rses import deterministic_path, list_attributes, resolve
+from stashflow.placement.rses import limits_of as rse_limits
+
+DEFAULT_ACTIVITY = "User Subscriptions"
+SOFT_DELETE_DELAY = timedelta(hours=1)
+EPOCH = datetime(1970, 1, 1)
+_NOTIFY = {"Y": RuleNotification.YES, "N": RuleNotification.NO, "C": RuleNotification.CLOSE,
+           "P": RuleNotification.PROGRESS}
+_ACTIVE_REQUEST_STATES = {RequestState.QUEUED, RequestState.SUBMITTING, RequestState.SUBMITTED,
+                          RequestState.WAITING, RequestState.PREPARING}
+
+
+@dataclass
+class RuleOptions:
+    """What `POST /rules/` carries, validated."""
+
+    copies: int
+    rse_expression: str
+    account: str
+    grouping: RuleGrouping = RuleGrouping.DATASET
+    weight: str | None = None
+    lifetime: int | None = None
+    locked: bool = False
+    source_replica_expression: str | None = None
+    activity: str = DEFAULT_ACTIVITY
+    notify: RuleNotification = RuleNotification.NO
+    purge_replicas: bool = False
+    ignore_availability: bool = False
+    ignore_account_limit: bool = False
+    comment: str | None = None
+    ask_approval: bool = False
+    priority: int = 3
+    meta: Any = None
+    split_container: bool = False
+    subscription_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_bool(name: str, value: Any, default: bool = False) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidObject(f"'{name}' must be true or false, not {value!r}")
+    return value
+
+
+def parse_options(caller: str, body: dict[str, Any]) -> RuleOptions:
+    copies = body.get("copies")
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise InvalidObject(f"'copies' must be a positive integer, not {copies!r}")
+    expression = body.get("rse_expression")
+    if not isinstance(expression, str) or not expression:
+        raise InvalidObject("'rse_expression' must be a non-empty string")
+    if len(expression) > 3000:
+        raise InvalidObject("'rse_expression' is longer than 3000 characters")
+    grouping_value = body.get("grouping") or "DATASET"
+    try:
+        grouping = RuleGrouping[str(grouping_value).upper()]
+    except KeyError:
+        raise InvalidObject(f"Invalid grouping {grouping_value!r}: use ALL, DATASET or "
+                            f"NONE") from None
+    lifetime = body.get("lifetime")
+    if lifetime is not None and (not isinstance(lifetime, int) or isinstance(lifetime, bool)
+                                 or lifetime < 0):
+        raise InvalidObject(f"'lifetime' must be a non-negative number of seconds, not "
+                            f"{lifetime!r}")
+    notify_value = body.get("notify")
+    if notify_value is None:
+        notify = RuleNotification.NO
+    elif notify_value in _NOTIFY:
+        notify = _NOTIFY[notify_value]
+    elif isinstance(notify_value, str) and notify_value.upper() in RuleNotification.__members__:
+        notify = RuleNotification[notify_value.upper()]
+    else:
+        raise InvalidObject(f"Invalid notify {notify_value!r}: use Y, N, C or P")
+    priority = body.get("priority", 3)
+    if priority is None:
+        priority = 3
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 1 <= priority <= 5:
+        raise InvalidObject(f"'priority' must be an integer from 1 to 5, not {priority!r}")
+    strings = {}
+    for key in ("weight", "source_replica_expression", "activity", "comment", "account"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidObject(f"'{key}' must be a string")
+        strings[key] = value
+    if strings["comment"] is not None and len(strings["comment"]) > 255:
+        raise InvalidObject("'comment' is longer than 255 characters")
+    return RuleOptions(
+        copies=copies, rse_expression=expression, account=strings["account"] or caller,
+        grouping=grouping, weight=strings["weight"], lifetime=lifetime,
+        locked=_as_bool("locked", body.get("locked")),
+        source_replica_expression=strings["source_replica_expression"],
+        activity=strings["activity"] or DEFAULT_ACTIVITY, notify=notify,
+        purge_replicas=_as_bool("purge_replicas", body.get("purge_replicas")),
+        ignore_availability=_as_bool("ignore_availability", body.get("ignore_availability")),
+        ignore_account_limit=_as_bool("ignore_account_limit",
+                                      body.get("ignore_account_limit")),
+        comment=strings["comment"], ask_approval=_as_bool("ask_approval",
+                                                          body.get("ask_approval")),
+        priority=priority, meta=body.get("meta"),
+        split_container=_as_bool("split_container", body.get("split_container")))
+
+
+def _resolve_for_rule(session: Session, expression: str) -> list[RSE]:
+    try:
+        return resolve(session, expression)
+    except InvalidRSEExpression as exc:
+        # Same exception, but rule creation answers 409 where `GET /rses/` answers 400.
+        conflict = InvalidRSEExpression(exc.message)
+        conflict.status = 409
+        raise conflict from None
+
+
+def add_rules(session: Session, caller: str, dids: Any, options: RuleOptions) -> list[str]:
+    if not isinstance(dids, list) or not dids or not all(isinstance(d, dict) for d in dids):
+        raise InvalidObject("'dids' must be a non-empty list of {scope, name} objects")
+    get_account(session, options.account)
+    admin = is_admin(session, caller)
+    if options.account != caller and not admin:
+        raise AccessDenied(f"Account {caller} can not add a rule for account "
+                           f"{options.account}")
+    if options.ignore_account_limit and not admin:
+        raise AccessDenied(f"Account {caller} can not ignore account limits")
+    targets = _resolve_for_rule(session, options.rse_expression)
+    if options.source_replica_expression:
+        _resolve_for_rule(session, options.source_replica_expression)
+    if len(targets) < options.copies:
+        raise InsufficientTargetRSEs(
+            f"Target RSE set not sufficient for number of copies. ({options.copies} copies "
+            f"requested, RSE set size {len(targets)})")
+    if any(rse.staging_area for rse in targets) and options.lifetime is None:
+        raise StagingAreaRuleRequiresLifetime(
+            "Rules on staging-area RSEs need a lifetime")
+    weights = _weights(session, targets, options.weight)
+    ids = []
+    for did in dids:
+        scope, name = did.get("scope"), did.get("name")
+        if not isinstance(scope, str) or not isinstance(name, str):
+            raise InvalidObject("Every DID needs a 'scope' and a 'name'")
+        row = get_did(session, scope, name)
+        ids.append(_add_rule(session, row, options, targets, weights,
+                             bypass_quota=admin_account(session, options) or
+                             options.ignore_account_limit))
+    return ids
+
+
+def admin_account(session: Session, options: RuleOptions) -> bool:
+    return is_admin(session, options.account)
+
+
+def _weights(session: Session, targets: list[RSE], weight: str | None) -> dict[str, float]:
+    if not weight:
+        return {rse.id: 1.0 for rse in targets}
+    found = {}
+    for rse in targets:
+        value = list_attributes(session, rse).get(weight)
+        if value is None:
+            continue  # RSEs without the weight attribute are excluded, as in Rucio
+        try:
+            found[rse.id] = float(value)
+        except (TypeError, ValueError):
+            raise InvalidRuleWeight(f"The weight '{weight}' of RSE '{rse.rse}' is not a "
+                                    f"number: {value!r}") from None
+    return found
+
+
+def _groups(session: Session, did: DID, grouping: RuleGrouping) -> list[list[DID]]:
+    if did.did_type == DIDType.FILE:
+        return [[did]]
+    if grouping == RuleGrouping.ALL:
+        return [list(iter_files(session, did.scope, did.name))]
+    if grouping == RuleGrouping.NONE:
+        return [[f] for f in iter_files(session, did.scope, did.name)]
+    groups = []
+    seen: set[tuple[str, str]] = set()
+    for dataset in datasets_of(session, did.scope, did.name):
+        files = [f for f in iter_files(session, dataset.scope, dataset.name)
+                 if (f.scope, f.name) not in seen]
+        seen.update((f.scope, f.name) for f in files)
+        groups.append(files)
+    return groups
+
+
+def _add_rule(session: Session, did: DID, options: RuleOptions, targets: list[RSE],
+              weights: dict[str, float], bypass_quota: bool) -> str:
+    lock_collections(session, did)
+    duplicate = session.scalar(select(Rule.id).where(
+        Rule.scope == did.scope, Rule.name == did.name, Rule.account == options.account,
+        Rule.rse_expression == options.rse_expression, Rule.copies == options.copies))
+    if duplicate is not None:
+        raise DuplicateRule(f"A rule for '{did.scope}:{did.name}' of account "
+                            f"{options.account} on '{options.rse_expression}' with "
+                            f"{options.copies} copies already exists: {duplicate}")
+    now = utcnow()
+    rule = Rule(
+        id=uuid.uuid4().hex, account=options.account, scope=did.scope, name=did.name,
+        did_type=did.did_type, state=RuleState.REPLICATING,
+        rse_expression=options.rse_expression, copies=options.copies,
+        expires_at=None if options.lifetime is None else now + timedelta(
+            seconds=options.lifetime),
+        weight=options.weight, locked=options.locked,
+        source_replica_expression=options.source_replica_expression,
+        activity=options.activity, grouping=options.grouping, notification=options.notify,
+        purge_replicas=options.purge_replicas,
+        ignore_availability=options.ignore_availability,
+        ignore_account_limit=options.ignore_account_limit, priority=options.priority,
+        comments=options.comment, split_container=options.split_container,
+        meta=options.meta, subscription_id=options.subscription_id,
+        locks_ok_cnt=0, locks_replicating_cnt=0, locks_stuck_cnt=0)
+    session.add(rule)
+    session.flush()
+    if options.ask_approval:
+        rule.state = RuleState.WAITING_APPROVAL
+        return rule.id
+    apply_rule(session, rule, targets, weights, bypass_quota)
+    return rule.id
+
+
+def apply_rule(session: Session, rule: Rule, targets: list[RSE], weights: dict[str, float],
+               bypass_quota: bool) -> None:
+    """Choose RSEs per group, create locks, COPYING replicas and shared requests."""
+    did = get_did(session, rule.scope, rule.name)
+    planner = _Planner(session, rule, targets, weights, bypass_quota)
+    for files in _groups(session, did, rule.grouping):
+        if files:
+            planner.place(files)
+    planner.finish()
+    _refresh_state(rule)
+
+
+class _Planner:
+    """Places groups of files for one rule. Everything is done in bulk (one query or one
+    multi-row statement per chunk), since a rule may cover hundreds of thousands of files;
+    quota and space are tracked in memory and usage is written once at the end."""
+
+    def __init__(self, session: Session, rule: Rule, targets: list[RSE],
+                 weights: dict[str, float], bypass_quota: bool) -> None:
+        self.session = session
+        self.rule = rule
+        self.targets = targets
+        self.weights = weights
+        self.bypass_quota = bypass_quota
+        self.quota: dict[str, float] = {}
+        self.space: dict[str, float] = {}
+        self.usage: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def _quota(self, rse: RSE) -> float:
+        if rse.id not in self.quota:
+            self.quota[rse.id] = (float("inf") if self.bypass_quota else
+                                  quota.remaining(self.session, self.rule.account, rse))
+        return self.quota[rse.id]
+
+    def _space(self, rse: RSE) -> float:
+        if rse.id not in self.space:
+            limit = rse_limits(self.session, rse).get("MaxSpaceAvailable")
+            self.space[rse.id] = float("inf") if limit is None else \
+                limit - catalog_usage(self.session, rse.id)[0]
+        return self.space[rse.id]
+
+    def place(self, files: list[DID]) -> None:
+        size = sum(f.bytes or 0 for f in files)
+        reasons: set[str] = set()
+        candidates = []
+        for rse in self.targets:
+            if rse.id not in self.weights:
+                reasons.add("weight")
+            elif not self.rule.ignore_availability and not rse.availability_write:
+                reasons.add("availability")
+            elif self._quota(rse) < size:
+                reasons.add("quota")
+            elif self._space(rse) < size:
+                reasons.add("space")
+            else:
+                candidates.append(rse)
+        if len(candidates) < self.rule.copies:
+            self._refuse(reasons, len(candidates))
+        present = self._present(files, candidates)
+        chosen: list[RSE] = []
+        pool = list(candidates)
+        while len(chosen) < self.rule.copies:
+            # Prefer RSEs that already hold most of the data; among equals, weighted random.
+            best = max(present.get(r.id, 0) for r in pool)
+            tier = [r for r in pool if present.get(r.id, 0) == best]
+            pick = random.choices(tier, weights=[self.weights[r.id] or 1e-9 for r in tier])[0]
+            chosen.append(pick)
+            pool.remove(pick)
+        for rse in chosen:
+            self.lock_many(files, rse)
+
+    def _refuse(self, reasons: set[str], found: int) -> None:
+        message = (f"The rule on '{self.rule.scope}:{self.rule.name}' needs "
+                   f"{self.rule.copies} RSE(s) but only {found} of "
+                   f"'{self.rule.rse_expression}' qualify")
+        if "quota" in reasons:
+            raise InsufficientAccountLimit(
+                f"{message}: account {self.rule.account} lacks quota (no limit means zero)")
+        if "space" in reasons:
+            raise RSEOverQuota(f"{message}: not enough space (MaxSpaceAvailable)")
+        why = "not writable" if "availability" in reasons else "lacking the weight attribute"
+        raise InsufficientTargetRSEs(f"{message}: the others are {why}")
+
+    def _present(self, files: list[DID], candidates: list[RSE]) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        ids = [r.id for r in candidates]
+        keys = [(f.scope, f.name) for f in files]
+        for i in range(0, len(keys), CHUNK):
+            for rse_id, bytes_ in self.session.execute(
+                    select(Replica.rse_id, func.sum(Replica.bytes)).where(
+                        keys_in(Replica.scope, Replica.name, keys[i:i + CHUNK]),
+                        Replica.rse_id.in_(ids),
+                        Replica.state == ReplicaState.AVAILABLE).group_by(Replica.rse_id)):
+                counts[rse_id] += int(bytes_ or 0) + 1
+        return counts
+
+    def lock_many(self, files: list[DID], rse: RSE) -> None:
+        """One lock per file on `rse`: OK where the replica is AVAILABLE, otherwise
+        REPLICATING with a COPYING replica and a (shared) transfer request."""
+        session, rule, now = self.session, self.rule, utcnow()
+        for i in range(0, len(files), CHUNK):
+            chunk = files[i:i + CHUNK]
+            keys = [(f.scope, f.name) for f in chunk]
+            states = dict(((s, n), state) for s, n, state in session.execute(
+                select(Replica.scope, Replica.name, Replica.state).where(
+                    Replica.rse_id == rse.id, keys_in(Replica.scope, Replica.name, keys))))
+            new_replicas, locks, pending = [], [], []
+            for file in chunk:
+                key = (file.scope, file.name)
+                ok = states.get(key) == ReplicaState.AVAILABLE
+                if key not in states:
+                    new_replicas.append({
+                        "rse_id": rse.id, "scope": file.scope, "name": file.name,
+                        "bytes": file.bytes or 0, "md5": file.md5, "adler32": file.adler32,
+                        "path": deterministic_path(file.scope, file.name)
+                        if rse.deterministic else None, "state": ReplicaState.COPYING,
+                        "lock_cnt": 0, "tombstone": None, "accessed_at": None,
+                        "created_at": now, "updated_at": now})
+                locks.append({"rule_id": rule.id, "scope": file.scope, "name": file.name,
+                              "rse_id": rse.id, "account": rule.account,
+                              "bytes": file.bytes or 0,
+                              "state": LockState.OK if ok else LockState.REPLICATING,
+                              "repair_cnt": 0, "created_at": now, "updated_at": now})
+                if not ok:
+                    pending.append(file)
+            if new_replicas:
+                bulk_insert(session, Replica.__table__, new_replicas)
+            # Every replica of the chunk gains a lock; a lock protects it from deletion.
+            session.execute(
+                update(Replica).where(Replica.rse_id == rse.id,
+                                      keys_in(Replica.scope, Replica.name, keys))
+                .values(lock_cnt=Replica.lock_cnt + 1, tombstone=None, updated_at=now)
+                .execution_options(synchronize_session=False))
+            if pending:
+                pending_keys = [(f.scope, f.name) for f in pending]
+                session.execute(
+                    update(Replica).where(Replica.rse_id == rse.id,
+                                          keys_in(Replica.scope, Replica.name, pending_keys),
+                                          Replica.state != ReplicaState.COPYING)
+                    .values(state=ReplicaState.COPYING)
+                    .execution_options(synchronize_session=False))
+                self._requests(pending, rse, now)
+            bulk_insert(session, Lock.__table__, locks)
+            ok_count = len(chunk) - len(pending)
+            rule.locks_ok_cnt += ok_count
+            rule.locks_replicating_cnt += len(pending)
+            size = sum(f.bytes or 0 for f in chunk)
+            self.usage[rse.id][0] += len(chunk)
+            self.usage[rse.id][1] += size
+            if rse.id in self.quota:
+                self.quota[rse.id] -= size
+            if rse.id in self.space:
+                self.space[rse.id] -= sum(f.bytes or 0 for f in chunk
+                                          if (f.scope, f.name) not in states)
+
+    def _requests(self, files: list[DID], rse: RSE, now: datetime) -> None:
+        session, rule = self.session, self.rule
+        keys = [(f.scope, f.name) for f in files]
+        known = dict(((s, n), (rid, state)) for s, n, rid, state in session.execute(
+            select(Request.scope, Request.name, Request.id, Request.state).where(
+                Request.dest_rse_id == rse.id, keys_in(Request.scope, Request.name, keys))))
+        revive = [rid for rid, state in known.values() if state not in _ACTIVE_REQUEST_STATES]
+        if revive:
+            session.execute(update(Request).where(Request.id.in_(revive))
+                            .values(state=RequestState.QUEUED, rule_id=rule.id, updated_at=now)
+                            .execution_options(synchronize_session=False))
+        rows = [{"id": uuid.uuid4().hex, "request_type": RequestType.TRANSFER,
+                 "scope": f.scope, "name": f.name, "dest_rse_id": rse.id,
+                 "source_rse_id": None, "state": RequestState.QUEUED, "rule_id": rule.id,
+                 "activity": rule.activity, "bytes": f.bytes, "md5": f.md5,
+                 "adler32": f.adler32, "priority": rule.priority, "retry_count": 0,
+                 "err_msg": None, "external_id": None, "external_host": None,
+                 "attributes": {"source_replica_expression": rule.source_replica_expression},
+                 "submitted_at": None, "created_at": now, "updated_at": now}
+                for f in files if (f.scope, f.name) not in known]
+        if rows:
+            bulk_insert(session, Request.__table__, rows)
+
+    def finish(self) -> None:
+        for rse_id, (count, size) in self.usage.items():
+            quota.add_usage(self.session, self.rule.account, rse_id, count, size)
+        self.usage.clear()
+
+
+def _refresh_state(rule: Rule) -> None:
+    if rule.state in (RuleState.SUSPENDED, RuleState.WAITING_APPROVAL, RuleState.INJECT):
+        return
+    if rule.locks_stuck_cnt:
+        rule.state = RuleState.STUCK
+    elif rule.locks_replicating_cnt:
+        rule.state = RuleState.REPLICATING
+    else:
+        rule.state = RuleState.OK
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def get_rule(session: Session, rule_id: str) -> Rule:
+    row = session.get(Rule, rule_id) if isinstance(rule_id, str) and len(rule_id) <= 64 \
+        else None
+    if row is None:
+        raise RuleNotFound(f"No replication rule found with the id {rule_id}")
+    return row
+
+
+def rule_dict(row: Rule) -> dict[str, Any]:
+    return {
+        "id": row.id, "subscription_id": row.subscription_id, "account": row.account,
+        "scope": row.scope, "name": row.name, "did_type": row.did_type.value,
+        "state": row.state.value, "error": row.error, "rse_expression": row.rse_expression,
+        "copies": row.copies, "expires_at": rfc1123(row.expires_at), "weight": row.weight,
+        "locked": row.locked, "locks_ok_cnt": row.locks_ok_cnt,
+        "locks_replicating_cnt": row.locks_replicating_cnt,
+        "locks_stuck_cnt": row.locks_stuck_cnt,
+        "source_replica_expression": row.source_replica_expression,
+        "activity": row.activity, "grouping": row.grouping.value,
+        "notification": row.notification.value, "stuck_at": rfc1123(row.stuck_at),
+        "purge_replicas": row.purge_replicas,
+        "ignore_availability": row.ignore_availability,
+        "ignore_account_limit": row.ignore_account_limit, "priority": row.priority,
+        "comments": row.comments, "child_rule_id": row.child_rule_id,
+        "eol_at": rfc1123(row.eol_at), "split_container": row.split_container,
+        "meta": row.meta, "created_at": rfc1123(row.created_at),
+        "updated_at": rfc1123(row.updated_at),
+    }
+
+
+_FILTERS = {"scope", "name", "account", "state", "rse_expression", "did_type", "activity",
+            "id", "grouping", "subscription_id", "locked", "copies"}
+
+
+def list_rules(session: Session, filters: dict[str, str]) -> list[dict[str, Any]]:
+    query = select(Rule)
+    value: Any
+    for key, value in filters.items():
+        if key not in _FILTERS:
+            raise InvalidObject(f"Unknown rule filter {key!r}")
+        column = getattr(Rule, key)
+        if key == "state":
+            from stashflow.placement.models import RuleState as States
+
+            try:
+                value = States[value] if value in States.__members__ else \
+                    {s.value[0]: s for s in States}[value]
+            except KeyError:
+                raise InvalidObject(f"Invalid rule state {value!r}") from None
+        elif key == "did_type":
+            value = DIDType[str(value).upper()] if str(value).upper() in \
+                DIDType.__members__ else value
+        elif key == "grouping":
+            value = RuleGrouping[str(value).upper()] if str(value).upper() in \
+                RuleGrouping.__members__ else value
+        elif key == "locked":
+            value = str(value).lower() in ("true", "1")
+        elif key == "copies":
+            try:
+                value = int(value)
+            except ValueError:
+                raise InvalidObject(f"Invalid copies {value!r}") from None
+        query = query.where(column == value)
+    return _with_bytes(session, list(session.scalars(query.order_by(Rule.created_at,
+                                                                    Rule.id))))
+
+
+def _with_bytes(session: Session, rows: list[Rule]) -> list[dict[str, Any]]:
+    """Rule dicts plus `bytes` (the size the rule's locks cover), which `rule list`
+    prints as SIZE."""
+    sizes: dict[str, int] = {}
+    ids = [r.id for r in rows]
+    for i in range(0, len(ids), CHUNK):
+        sizes.update(session.execute(
+            select(Lock.rule_id, func.sum(Lock.bytes)).where(Lock.rule_id.in_(ids[i:i + CHUNK]))
+            .group_by(Lock.rule_id)).all())
+    return [{**rule_dict(r), "bytes": int(sizes.get(r.id) or 0)} for r in rows]
+
+
+def did_rules(session: Session, scope: str, name: str) -> list[dict[str, Any]]:
+    get_did(session, scope, name)
+    return _with_bytes(session, list(session.scalars(
+        select(Rule).where(Rule.scope == scope, Rule.name == name)
+        .order_by(Rule.created_at, Rule.id))))
+
+
+def list_locks(session: Session, rule_id: str) -> list[dict[str, Any]]:
+    get_rule(session, rule_id)
+    rows = session.execute(select(Lock, RSE.rse).join(RSE, RSE.id == Lock.rse_id)
+                           .where(Lock.rule_id == rule_id)
+                           .order_by(Lock.scope, Lock.name, RSE.rse)).all()
+    return [{"scope": lock.scope, "name": lock.name, "rse_id": lock.rse_id, "rse": rse,
+             "state": lock.state.value, "rule_id": lock.rule_id, "account": lock.account,
+             "bytes": lock.bytes, "repair_cnt": lock.repair_cnt,
+             "created_at": rfc1123(lock.created_at), "updated_at": rfc1123(lock.updated_at)}
+            for lock, rse in rows]
+
+
+def examine(session: Session, rule_id: str) -> dict[str, Any]:
+    rule = get_rule(session, rule_id)
+    if rule.state == RuleState.OK:
+        return {"rule_error": "This replication rule is OK", "transfers": []}
+    transfers = []
+    stuck = session.execute(select(Lock, RSE.rse).join(RSE, RSE.id == Lock.rse_id).where(
+        Lock.rule_id == rule_id, Lock.state == LockState.STUCK)).all()
+    for lock, rse in stuck:
+        request = session.scalar(select(Request).where(
+            Request.scope == lock.scope, Request.name == lock.name,
+            Request.dest_rse_id == lock.rse_id))
+        sources = session.execute(select(RSE.rse, RSE.availability_read).join(
+            Replica, Replica.rse_id == RSE.id).where(
+            Replica.scope == lock.scope, Replica.name == lock.name,
+            Replica.state == ReplicaState.AVAILABLE)).all()
+        transfers.append({
+            "scope": lock.scope, "name": lock.name, "rse": rse, "rse_id": lock.rse_id,
+            "attempts": request.retry_count if request else None,
+            "last_error": request.err_msg if request else None,
+            "last_source": None, "sources": [list(s) for s in sources],
+            "last_time": rfc1123(request.updated_at) if request else None})
+    error = rule.error or f"This replication rule is {rule.state.value}"
+    return {"rule_error": error, "transfers": transfers}
+
+
+# --- changing and removing ---------------------------------------------------------------
+
+
+def _check_owner(session: Session, caller: str, rule: Rule, action: str) -> None:
+    if rule.account != caller and not is_admin(session, caller):
+        raise AccessDenied(f"Account {caller} can not {action} rule {rule.id} of account "
+                           f"{rule.account}")
+
+
+def delete_rule(session: Session, caller: str, rule_id: str,
+                purge_replicas: bool | None = None) -> None:
+    """Soft deletion, as in Rucio: the rule expires within the hour and the cleaner removes
+    it; `rule show` keeps working meanwhile."""
+    rule = get_rule(session, rule_id)
+    _check_owner(session, caller, rule, "delete")
+    if rule.locked:
+        raise UnsupportedOperation(f"The replication rule {rule.id} is locked and has to be "
+                                   f"unlocked before it can be deleted.")
+    if purge_replicas is not None:
+        rule.purge_replicas = purge_replicas
+    deadline = utcnow() + SOFT_DELETE_DELAY
+    if rule.expires_at is None or rule.expires_at > deadline:
+        rule.expires_at = deadline
+
+
+_UPDATABLE = {"lifetime", "locked", "comment", "activity", "priority", "purge_replicas",
+              "approve", "account", "state", "source_replica_expression", "meta"}
+
+
+def update_rule(session: Session, caller: str, rule_id: str, options: Any) -> None:
+    if not isinstance(options, dict):
+        raise InvalidObject("'options' must be an object")
+    unknown = set(options) - _UPDATABLE
+    if unknown:
+        raise InvalidObject(f"Rule options that cannot be updated: {', '.join(sorted(unknown))}")
+    rule = get_rule(session, rule_id)
+    _check_owner(session, caller, rule, "update")
+    for key, value in options.items():
+        if key == "lifetime":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                raise InvalidObject("'lifetime' must be a non-negative number of seconds")
+            rule.expires_at = None if value is None else utcnow() + timedelta(seconds=value)
+        elif key in ("locked", "purge_replicas"):
+            setattr(rule, key, _as_bool(key, value))
+        elif key == "comment":
+            rule.comments = None if value is None else str(value)[:255]
+        elif key == "activity":
+            rule.activity = str(value)
+        elif key == "source_replica_expression":
+            if value is not None:
+                _resolve_for_rule(session, str(value))
+            rule.source_replica_expression = value
+        elif key == "meta":
+            rule.meta = value
+        elif key == "priority":
+            if not isinstance(value, int) or not 1 <= value <= 5:
+                raise InvalidObject("'priority' must be an integer from 1 to 5")
+            rule.priority = value
+        elif key == "account":
+            if not is_admin(session, caller):
+                raise AccessDenied(f"Account {caller} can not move rules between accounts")
+            get_account(session, str(value))
+            _move_usage(session, rule, str(value))
+        elif key == "state":
+            if str(value).upper() == "SUSPENDED":
+                rule.state = RuleState.SUSPENDED
+            elif str(value).upper() in ("STUCK", "REPLICATING", "OK"):
+                rule.state = RuleState.REPLICATING
+                _refresh_state(rule)
+            else:
+                raise InvalidReplicationRule(f"A rule cannot be set to state {value!r}")
+        elif key == "approve":
+            _approve(session, caller, rule, _as_bool("approve", value))
+
+
+def _move_usage(session: Session, rule: Rule, account: str) -> None:
+    for lock in session.scalars(select(Lock).where(Lock.rule_id == rule.id)):
+        quota.add_usage(session, rule.account, lock.rse_id, -1, -lock.bytes)
+        quota.add_usage(session, account, lock.rse_id, 1, lock.bytes)
+        lock.account = account
+    rule.account = account
+
+
+def _approve(session: Session, caller: str, rule: Rule, approve: bool) -> None:
+    if not is_admin(session, caller):
+        raise AccessDenied(f"Account {caller} can not approve rules")
+    if rule.state != RuleState.WAITING_APPROVAL:
+        raise InvalidReplicationRule(f"Rule {rule.id} is not waiting for approval")
+    if not approve:
+        session.delete(rule)
+        return
+    targets = _resolve_for_rule(session, rule.rse_expression)
+    rule.state = RuleState.REPLICATING
+    apply_rule(session, rule, targets, _weights(session, targets, rule.weight),
+               bypass_quota=True)
+
+
+def clean_expired(session: Session, now: datetime | None = None, limit: int = 1000) -> int:
+    """The judge-cleaner: remove expired, unlocked rules with their locks; replicas whose
+    last lock goes get a tombstone (epoch = delete now) so that the reaper can act."""
+    now = now or utcnow()
+    # SKIP LOCKED: several cleaners (or a cleaner and a user request) share the work
+    # instead of waiting for each other.
+    rules = list(session.scalars(select(Rule).where(
+        Rule.expires_at.is_not(None), Rule.expires_at < now, Rule.locked.is_(False))
+        .order_by(Rule.expires_at).limit(limit)
+        .with_for_update(skip_locked=True, key_share=True)))
+    for rule in rules:
+        remove_rule_now(session, rule)
+    return len(rules)
+
+
+def remove_rule_now(session: Session, rule: Rule) -> None:
+    release_locks(session, rule, None)
+    session.delete(rule)
+    session.flush()
+
+
+def release_locks(session: Session, rule: Rule, files: list[tuple[str, str]] | None) -> None:
+    """Drop the rule's locks (on `files`, or all): rule counters, replica lock counts and
+    tombstones, usage, and transfer requests that nothing needs any more."""
+    query = select(Lock.scope, Lock.name, Lock.rse_id, Lock.state, Lock.bytes, Lock.account)\
+        .where(Lock.rule_id == rule.id)
+    locks = []
+    if files is None:
+        locks = list(session.execute(query))
+    else:
+        for i in range(0, len(files), CHUNK):
+            locks.extend(session.execute(query.where(
+                keys_in(Lock.scope, Lock.name, files[i:i + CHUNK]))))
+    if not locks:
+        return
+    session.flush()
+    by_rse: dict[str, list[Any]] = defaultdict(list)
+    usage: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for lock in locks:
+        by_rse[lock.rse_id].append(lock)
+        usage[(lock.account, lock.rse_id)][0] -= 1
+        usage[(lock.account, lock.rse_id)][1] -= lock.bytes
+        if lock.state == LockState.OK:
+            rule.locks_ok_cnt -= 1
+        elif lock.state == LockState.REPLICATING:
+            rule.locks_replicating_cnt -= 1
+        else:
+            rule.locks_stuck_cnt -= 1
+    now = utcnow()
+    for rse_id, rse_locks in by_rse.items():
+        for i in range(0, len(rse_locks), CHUNK):
+            chunk = rse_locks[i:i + CHUNK]
+            keys = [(lock.scope, lock.name) for lock in chunk]
+            unfinished = {(lock.scope, lock.name) for lock in chunk
+                          if lock.state != LockState.OK}
+            session.execute(delete(Lock).where(
+                Lock.rule_id == rule.id, Lock.rse_id == rse_id,
+                keys_in(Lock.scope, Lock.name, keys)))
+            session.execute(
+                update(Replica).where(Replica.rse_id == rse_id,
+                                      keys_in(Replica.scope, Replica.name, keys),
+                                      Replica.lock_cnt > 0)
+                .values(lock_cnt=Replica.lock_cnt - 1, updated_at=now)
+                .execution_options(synchronize_session=False))
+            _tombstone_unlocked(session, rule, rse_id, keys, unfinished)
+            _drop_unneeded_requests(session, rse_id, sorted(unfinished))
+    for (account, rse_id), (count, size) in usage.items():
+        quota.add_usage(session, account, rse_id, count, size)
+
+
+def _tombstone_unlocked(session: Session, rule: Rule, rse_id: str,
+                        keys: list[tuple[str, str]], unfinished: set[tuple[str, str]]) -> None:
+    # The epoch means "delete now": purged rules, and copies that never completed.
+    # Otherwise the last access (or creation) time: LRU order for the reaper.
+    rows = session.execute(select(Replica.scope, Replica.name, Replica.state).where(
+        Replica.rse_id == rse_id, Replica.lock_cnt == 0,
+        keys_in(Replica.scope, Replica.name, keys))).all()
+    dead = [(s, n) for s, n, state in rows
+            if rule.purge_replicas or (s, n) in unfinished or state != ReplicaState.AVAILABLE]
+    dead_set = set(dead)
+    idle = [(s, n) for s, n, _state in rows if (s, n) not in dead_set]
+    for chosen, value in ((dead, EPOCH),
+                          (idle, func.coalesce(Replica.accessed_at, Replica.created_at))):
+        if chosen:
+            session.execute(
+                update(Replica).where(Replica.rse_id == rse_id,
+                                      keys_in(Replica.scope, Replica.name, chosen))
+                .values(tombstone=value).execution_options(synchronize_session=False))
+
+
+def _drop_unneeded_requests(session: Session, rse_id: str,
+                            keys: list[tuple[str, str]]) -> None:
+    if not keys:
+        return
+    needed = set(session.execute(select(Lock.scope, Lock.name).where(
+        Lock.rse_id == rse_id, keys_in(Lock.scope, Lock.name, keys))).all())
+    orphans = [key for key in keys if key not in needed]
+    if orphans:
+        session.execute(delete(Request).where(
+            Request.dest_rse_id == rse_id, keys_in(Request.scope, Request.name, orphans),
+            Request.state.in_(_ACTIVE_REQUEST_STATES)))
+
+
+# --- the judge-evaluator, synchronous ------------------------------------------------------
+
+
+def _covering_rules(session: Session, parent: DID) -> list[Rule]:
+    keys = [(parent.scope, parent.name), *ancestors_of(session, parent.scope, parent.name)]
+    found: list[Rule] = []
+    for i in range(0, len(keys), CHUNK):
+        # FOR UPDATE: concurrent attachments to one collection extend its rules one after
+        # the other, so lock counters are never updated from a stale read.
+        found.extend(session.scalars(select(Rule).where(
+            keys_in(Rule.scope, Rule.name, keys[i:i + CHUNK]),
+            Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
+            .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True)))
+    return found
+
+
+def _locked_names(session: Session, rule: Rule, files: list[DID]) -> set[tuple[str, str]]:
+    keys = [(f.scope, f.name) for f in files]
+    found: set[tuple[str, str]] = set()
+    for i in range(0, len(keys), CHUNK):
+        found.update((s, n) for s, n in session.execute(
+            select(Lock.scope, Lock.name).where(
+                Lock.rule_id == rule.id,
+                keys_in(Lock.scope, Lock.name, keys[i:i + CHUNK]))).all())
+    return found
+
+
+def extend_for_attach(session: Session, parent: DID, children: list[DID]) -> None:
+    """Extend every rule on `parent` or its ancestors to newly attached content. Files of a
+    dataset follow the RSEs the rule already uses for that dataset (grouping DATASET) or
+    for the whole DID (ALL); otherwise they are placed like at rule creation. A rule that
+    cannot be extended becomes STUCK with the reason, as Rucio's evaluator does; the
+    attachment itself stands."""
+    rules = _covering_rules(session, parent)
+    if not rules:
+        return
+    groups: list[tuple[DID | None, list[DID]]] = []
+    for child in children:
+        if child.did_type == DIDType.FILE:
+            groups.append((parent if parent.did_type == DIDType.DATASET else None, [child]))
+        else:
+            for dataset in datasets_of(session, child.scope, child.name):
+                groups.append((dataset, list(iter_files(session, dataset.scope,
+                                                        dataset.name))))
+    for rule in rules:
+        try:
+            _extend(session, rule, groups)
+        except (InsufficientTargetRSEs, InsufficientAccountLimit, RSEOverQuota,
+                InvalidRSEExpression, InvalidRuleWeight) as exc:
+            rule.state = RuleState.STUCK
+            rule.error = exc.message[:255]
+            rule.stuck_at = utcnow()
+            continue
+        _refresh_state(rule)
+
+
+def _extend(session: Session, rule: Rule, groups: list[tuple[DID | None, list[DID]]]) -> None:
+    targets = _resolve_for_rule(session, rule.rse_expression)
+    weights = _weights(session, targets, rule.weight)
+    planner = _Planner(session, rule, targets, weights,
+                       bypass_quota=is_admin(session, rule.account) or
+                       rule.ignore_account_limit)
+    by_id = {r.id: r for r in session.scalars(select(RSE))}
+    for dataset, files in groups:
+        locked = _locked_names(session, rule, files)
+        todo = [f for f in files if (f.scope, f.name) not in locked]
+        if not todo:
+            continue
+        if rule.grouping == RuleGrouping.NONE:
+            for file in todo:
+                planner.place([file])
+            continue
+        query = select(Lock.rse_id).where(Lock.rule_id == rule.id).distinct()
+        if rule.grouping == RuleGrouping.DATASET and dataset is not None:
+            query = query.join(Attachment, and_(Attachment.child_scope == Lock.scope,
+                                                Attachment.child_name == Lock.name)).where(
+                Attachment.scope == dataset.scope, Attachment.name == dataset.name)
+        used = sorted(session.scalars(query))
+        if len(used) >= rule.copies:
+            for rse_id in used[: rule.copies]:
+                planner.lock_many(todo, by_id[rse_id])
+        else:
+            planner.place(todo)
+    planner.finish()
+
+
+def shrink_for_detach(session: Session, parent: DID, children: list[DID]) -> None:
+    """Remove the locks that rules on `parent` or its ancestors held on content that is no
+    longer reachable from the rule's DID."""
+    rules = _covering_rules(session, parent)
+    if not rules:
+        return
+    detached: list[DID] = []
+    for child in children:
+        detached.extend(iter_files(session, child.scope, child.name))
+    for rule in rules:
+        still = {(f.scope, f.name) for f in iter_files(session, rule.scope, rule.name)}
+        gone = [(f.scope, f.name) for f in detached if (f.scope, f.name) not in still]
+        if not gone:
+            continue
+        release_locks(session, rule, gone)
+        _refresh_state(rule)

@@ -1,0 +1,210 @@
+"""The catalog core (no HTTP) on SQLite and PostgreSQL: accounts, tokens, scopes, DIDs and
+the attachment DAG, replicas, RSEs."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from stashflow.placement import accounts, auth, dids, replicas, rses, scopes
+from stashflow.placement.clock import utcnow
+from stashflow.placement.exceptions import (
+    AccessDenied,
+    CannotAuthenticate,
+    DataIdentifierAlreadyExists,
+    Duplicate,
+    FileAlreadyExists,
+    FileConsistencyMismatch,
+    InvalidObject,
+    UnsupportedOperation,
+)
+from stashflow.placement.models import DID, DeletedDID, DIDType, Identity, Replica, Token
+
+Factory = sessionmaker[Session]
+
+
+def setup_scope(session: Session, scope: str = "test", account: str = "root") -> None:
+    scopes.add_scope(session, "root", scope, account)
+
+
+def test_passwords_are_salted_and_verified(factory: Factory) -> None:
+    first, second = accounts.hash_password("pw"), accounts.hash_password("pw")
+    assert first != second and "pw" not in first
+    assert accounts.verify_password("pw", first)
+    assert not accounts.verify_password("wrong", first)
+    with factory() as session:
+        stored = session.get(Identity, ("ddmlab", accounts.IdentityType.USERPASS))
+        assert stored is not None and stored.password_hash
+        assert "secret" not in stored.password_hash
+
+
+def test_tokens_expire_and_can_be_revoked(factory: Factory) -> None:
+    with factory.begin() as session:
+        issued = auth.login_userpass(session, "ddmlab", "secret", "root", "test")
+        assert issued.token.startswith("root-ddmlab-test-")
+        assert timedelta(minutes=59) < issued.expires_at - utcnow() <= timedelta(hours=1)
+        assert auth.validate(session, issued.token).account == "root"
+    with factory.begin() as session:
+        session.execute(update(Token).values(expires_at=utcnow() - timedelta(seconds=1)))
+    with pytest.raises(CannotAuthenticate), factory.begin() as session:
+        auth.validate(session, issued.token)
+    with factory.begin() as session:
+        other = auth.login_userpass(session, "ddmlab", "secret", None)
+        auth.revoke(session, auth.Caller("root", other.token), other.token)
+    with pytest.raises(CannotAuthenticate), factory.begin() as session:
+        auth.validate(session, other.token)
+
+
+def test_wrong_password_or_account_cannot_log_in(factory: Factory) -> None:
+    with factory.begin() as session:
+        accounts.add_account(session, "alice", "USER")
+        with pytest.raises(CannotAuthenticate):
+            auth.login_userpass(session, "ddmlab", "nope", "root")
+        with pytest.raises(CannotAuthenticate):
+            auth.login_userpass(session, "ddmlab", "secret", "alice")
+        with pytest.raises(CannotAuthenticate):
+            auth.login_userpass(session, "nobody", "secret", "root")
+
+
+def test_scope_ownership(factory: Factory) -> None:
+    with factory.begin() as session:
+        accounts.add_account(session, "alice", "USER")
+        accounts.add_account(session, "bob", "USER")
+        scopes.add_scope(session, "root", "user.alice", "alice")
+        with pytest.raises(AccessDenied):
+            scopes.add_scope(session, "bob", "user.bob2", "alice")
+        with pytest.raises(Duplicate):
+            scopes.add_scope(session, "root", "user.alice", "bob")
+        with pytest.raises(AccessDenied):
+            dids.add_collection(session, "bob", "user.alice", "ds", DIDType.DATASET)
+        dids.add_collection(session, "alice", "user.alice", "ds", DIDType.DATASET)
+        with pytest.raises(InvalidObject):
+            scopes.add_scope(session, "root", "bad scope!", "alice")
+
+
+def test_attachment_graph_is_a_dag(factory: Factory) -> None:
+    with factory.begin() as session:
+        setup_scope(session)
+        rses.add_rse(session, "SITE_A", {})
+        replicas.add_replicas(session, "root", "SITE_A", [
+            {"scope": "test", "name": f"f{i}", "bytes": 10, "adler32": "0000000a"}
+            for i in range(3)])
+        for name in ("ds1", "ds2"):
+            dids.add_collection(session, "root", "test", name, DIDType.DATASET)
+        for name in ("c1", "c2", "c3"):
+            dids.add_collection(session, "root", "test", name, DIDType.CONTAINER)
+        files = [{"scope": "test", "name": "f0"}, {"scope": "test", "name": "f1"}]
+        dids.attach(session, "root", "test", "ds1", files)
+        # A file may belong to several datasets: a DAG, not a tree.
+        dids.attach(session, "root", "test", "ds2", [{"scope": "test", "name": "f1"}])
+        dids.attach(session, "root", "test", "c1", [{"scope": "test", "name": "c2"}])
+        dids.attach(session, "root", "test", "c2", [{"scope": "test", "name": "c3"},
+                                                    {"scope": "test", "name": "ds1"}])
+        dids.attach(session, "root", "test", "c3", [{"scope": "test", "name": "ds2"}])
+    with factory.begin() as session:
+        with pytest.raises(UnsupportedOperation, match="cycle"):
+            dids.attach(session, "root", "test", "c3", [{"scope": "test", "name": "c1"}])
+    with factory.begin() as session:
+        with pytest.raises(UnsupportedOperation, match="cycle"):
+            dids.attach(session, "root", "test", "c1", [{"scope": "test", "name": "c1"}])
+    with factory.begin() as session:
+        with pytest.raises(UnsupportedOperation, match="holds files only"):
+            dids.attach(session, "root", "test", "ds1", [{"scope": "test", "name": "c3"}])
+        with pytest.raises(FileAlreadyExists):
+            dids.attach(session, "root", "test", "ds1", [{"scope": "test", "name": "f0"}])
+    with factory() as session:
+        names = [f.name for f in dids.iter_files(session, "test", "c1")]
+        assert sorted(names) == ["f0", "f1"]  # f1 reached twice, listed once
+        c1 = dids.get_did(session, "test", "c1")
+        assert dids.did_dict(session, c1, dynamic=True)["bytes"] == 20
+        assert dids.list_parents(session, "test", "f1") == [
+            {"scope": "test", "name": "ds1", "type": "DATASET"},
+            {"scope": "test", "name": "ds2", "type": "DATASET"}]
+
+
+def test_closed_and_monotonic_collections(factory: Factory) -> None:
+    with factory.begin() as session:
+        setup_scope(session)
+        rses.add_rse(session, "SITE_A", {})
+        replicas.add_replicas(session, "root", "SITE_A", [
+            {"scope": "test", "name": "f0", "bytes": 1}, {"scope": "test", "name": "f1",
+                                                         "bytes": 1}])
+        dids.add_collection(session, "root", "test", "ds", DIDType.DATASET, monotonic=True)
+        dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f0"}])
+        with pytest.raises(UnsupportedOperation, match="monotonic"):
+            dids.detach(session, "root", "test", "ds", [{"scope": "test", "name": "f0"}])
+        dids.set_status(session, "root", "test", "ds", {"open": False})
+        with pytest.raises(UnsupportedOperation, match="closed"):
+            dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f1"}])
+
+
+def test_names_are_never_reused(factory: Factory) -> None:
+    with factory.begin() as session:
+        setup_scope(session)
+        session.add(DeletedDID(scope="test", name="gone", did_type=DIDType.DATASET))
+    with pytest.raises(DataIdentifierAlreadyExists, match="never reused"), \
+            factory.begin() as session:
+        dids.add_collection(session, "root", "test", "gone", DIDType.DATASET)
+
+
+def test_replica_registration_is_all_or_nothing(factory: Factory) -> None:
+    with factory.begin() as session:
+        setup_scope(session)
+        rses.add_rse(session, "SITE_A", {})
+        rses.add_rse(session, "TAPE_ND", {"deterministic": False, "rse_type": "TAPE"})
+        replicas.add_replicas(session, "root", "SITE_A", [
+            {"scope": "test", "name": "f0", "bytes": 5, "adler32": "00000005"}])
+    with pytest.raises(FileConsistencyMismatch), factory.begin() as session:
+        replicas.add_replicas(session, "root", "TAPE_ND", [
+            {"scope": "test", "name": "new", "bytes": 1, "pfn": "root://h//a/new"},
+            {"scope": "test", "name": "f0", "bytes": 6, "pfn": "root://h//a/f0"}])
+    with pytest.raises(InvalidObject, match="needs a 'pfn'"), factory.begin() as session:
+        replicas.add_replicas(session, "root", "TAPE_ND", [
+            {"scope": "test", "name": "f0", "bytes": 5}])
+    with pytest.raises(Duplicate), factory.begin() as session:
+        replicas.add_replicas(session, "root", "SITE_A", [
+            {"scope": "test", "name": "f0", "bytes": 5}])
+    with factory() as session:
+        assert session.get(DID, ("test", "new")) is None
+        assert session.scalar(select(func.count()).select_from(Replica)) == 1
+        replica = session.get(Replica, (rses.get_rse(session, "SITE_A").id, "test", "f0"))
+        assert replica is not None and replica.tombstone is None and replica.lock_cnt == 0
+        assert replica.path == rses.deterministic_path("test", "f0")
+
+
+def test_deterministic_paths_follow_rucio_hash() -> None:
+    # Observed on a real Rucio: file://localhost/data/SITE_A/test/83/44/file_0
+    assert rses.deterministic_path("test", "file_0") == "test/83/44/file_0"
+    assert rses.deterministic_path("user.jdoe", "x").startswith("user/jdoe/")
+
+
+def test_rse_attributes_protocols_distances(factory: Factory) -> None:
+    with factory.begin() as session:
+        row = rses.add_rse(session, "SITE_A", {"city": "Chicago", "availability": 5})
+        assert (row.availability_read, row.availability_write, row.availability_delete) == (
+            True, False, True)
+        rses.set_attribute(session, "SITE_A", "tier", "2")
+        rses.set_attribute(session, "SITE_A", "istape", "False")
+        with pytest.raises(Duplicate):
+            rses.set_attribute(session, "SITE_A", "tier", "3")
+        assert rses.list_attributes(session, row) == {"SITE_A": True, "istape": False,
+                                                      "tier": "2"}
+        rses.add_protocol(session, "SITE_A", {
+            "scheme": "https", "hostname": "dav.example.org", "port": 443, "prefix": "/d",
+            "impl": "rucio.rse.protocols.webdav.Default",
+            "domains": {"wan": {"read": 1, "write": 1, "delete": 1}}})
+        with pytest.raises(Duplicate):
+            rses.add_protocol(session, "SITE_A", {"scheme": "https",
+                                                  "hostname": "dav.example.org",
+                                                  "port": 443})
+        rses.add_rse(session, "SITE_B", {})
+        rses.set_distance(session, "SITE_A", "SITE_B", 3)
+        assert rses.distances_from(session, "SITE_A", "SITE_B")[0]["distance"] == 3
+        assert [r.rse for r in rses.resolve(session, "city=Chicago")] == ["SITE_A"]
+        with pytest.raises(InvalidObject):
+            rses.add_rse(session, "lower_case", {})
+        with pytest.raises(InvalidObject):
+            rses.add_rse(session, "SITE_C", {"unknown_column": 1})

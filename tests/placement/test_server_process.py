@@ -1,0 +1,74 @@
+"""The server process itself: several workers on one port, the in-process judge-cleaner,
+clean shutdown."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from rucio.common import exception as rucio_exc
+
+from .conftest import bootstrapped_home, start_server, stop_server
+
+
+def test_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path: Path) -> None:
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path), "--workers", "2")
+    try:
+        client = srv.client()
+        client.add_scope("root", "test")
+        # Each request may land on either worker; all see the same catalog.
+        for _ in range(10):
+            assert client.list_scopes() == ["test"]
+            assert requests.get(f"{srv.url}/ping", timeout=10).json() == {"version": "41.5.1"}
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_cleaner_removes_expired_rules(db_url: str, tmp_path: Path) -> None:
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path), "--cleaner-interval",
+                       "0.3")
+    try:
+        client = srv.client()
+        client.add_scope("root", "test")
+        client.add_rse("SITE_A")
+        client.add_replicas("SITE_A", [{"scope": "test", "name": "f", "bytes": 1}])
+        [short] = client.add_replication_rule([{"scope": "test", "name": "f"}], 1, "SITE_A",
+                                              lifetime=1)
+        [locked] = client.add_replication_rule([{"scope": "test", "name": "f"}], 1,
+                                               "SITE_A|SITE_A", lifetime=1, locked=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                client.get_replication_rule(short)
+            except rucio_exc.RuleNotFound:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the judge-cleaner did not remove the expired rule within 20 s")
+        # Locked rules are protected from expiry.
+        assert client.get_replication_rule(locked)["locked"] is True
+        [lock] = list(client.list_replica_locks(locked))
+        assert lock["state"] == "OK"
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_identity_with_several_accounts_must_choose(db_url: str, tmp_path: Path) -> None:
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path))
+    try:
+        root = srv.client()
+        root.add_account("team", "GROUP", "team@example.org")
+        root.add_account("alice", "USER", "alice@example.org")
+        root.add_identity("alice", "shared", "USERPASS", "a@example.org", password="pw")
+        root.add_identity("team", "shared", "USERPASS", "a@example.org", password="pw")
+        response = requests.get(f"{srv.url}/auth/userpass", timeout=10, headers={
+            "X-Rucio-Username": "shared", "X-Rucio-Password": "pw"})
+        assert response.status_code == 206 and response.json() == ["alice", "team"]
+        chosen = requests.get(f"{srv.url}/auth/userpass", timeout=10, headers={
+            "X-Rucio-Username": "shared", "X-Rucio-Password": "pw", "X-Rucio-Account": "team"})
+        assert chosen.status_code == 200
+        assert chosen.headers["X-Rucio-Auth-Token"].startswith("team-shared-")
+    finally:
+        stop_server(srv)
