@@ -227,8 +227,9 @@ class Cache:
             self.size,
             "--workers",
             str(self.workers),
+            # like nginx's `access_log off` in the anchor, unless a log is asked for
             "--access-log",
-            str(self.access_log or self.directory.parent / f"{self.directory.name}-access.log"),
+            str(self.access_log) if self.access_log else "off",
         ]
         for ns, url in self.origins.items():
             args += ["--origin", f"{ns}={url}"]

@@ -66,7 +66,7 @@ def cache_group() -> None:
               help="Token issuer trusted for protected namespaces, with its JWKS file or "
                    "URL (discovered from the issuer when omitted). Repeatable.")
 @click.option("--origin-token-file", help="Token the cache presents to protected origins.")
-@click.option("--access-log", help="Access log file, '-' for stderr [-].")
+@click.option("--access-log", help="Access log file, '-' for stderr, 'off' for none [-].")
 def serve(config_path: str | None, **flags: Any) -> None:
     """Serve objects of one or more origins, caching them on local disk.
 

@@ -119,6 +119,8 @@ class CacheConfig:
         extra = {k: v for k, v in values.items() if k not in known}
         if extra:
             raise ConfigError(f"unknown cache setting(s): {', '.join(sorted(extra))}")
+        if str(values.get("access_log", "")).lower() in ("off", "none", "false"):
+            values["access_log"] = None
         values["directory"] = Path(os.path.expanduser(str(values["directory"]))).resolve()
         values["size"] = parse_size(values.get("size", "10GiB"))
         for key in ("block_size", "inline_max", "min_rate"):
