@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import posixpath
-import ssl
 import stat
 import time
 import urllib.parse
@@ -300,6 +299,77 @@ def hash_file(path: Path | str, algorithm: str) -> str:
     return hasher.hexdigest()
 
 
+# -- checksums of pieces, combined ----------------------------------------------------------
+# Parallel ranges arrive out of order: each response is checksummed as it is written
+# (one piece per response), and the pieces are combined at the end, so that verifying a
+# large download needs no second pass over the file. Only CRCs and Adler-32 combine;
+# md5 and sha256 are hashed in order when the download is sequential, else from the file.
+
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC-32C polynomial (reflected bit order)."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if (a & (m - 1)) == 0:
+                break
+        m >>= 1
+        b = (b >> 1) ^ _CRC32C_POLY if b & 1 else b >> 1
+    return p
+
+
+def _x2n_table() -> list[int]:
+    table = []
+    p = 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _multmodp(p, p)
+    return table
+
+
+_X2N = _x2n_table()  # x^(2^k) modulo the polynomial
+
+
+def _x8nmodp(n: int) -> int:
+    """x^(8n) modulo the polynomial: the operator that shifts a CRC over n bytes."""
+    p = 1 << 31  # x^0
+    k = 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32C of A+B from crc(A), crc(B) and len(B)."""
+    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
+
+
+def adler32_combine(adler1: int, adler2: int, len2: int) -> int:
+    """Adler-32 of A+B from adler(A), adler(B) and len(B)."""
+    base = 65521
+    rem = len2 % base
+    sum1 = adler1 & 0xFFFF
+    sum2 = (rem * sum1) % base
+    sum1 += (adler2 & 0xFFFF) + base - 1
+    sum2 += ((adler1 >> 16) & 0xFFFF) + ((adler2 >> 16) & 0xFFFF) + base - rem
+    sum1 %= base
+    sum2 %= base
+    return sum1 | (sum2 << 16)
+
+
+_COMBINE: dict[str, Callable[[int, int, int], int]] = {
+    "crc32c": crc32c_combine,
+    "adler32": adler32_combine,
+}
+
+
 def _want_digest(pref: str) -> str:
     if pref in ALGORITHMS:
         return http_name(pref)
@@ -516,6 +586,9 @@ class _Part:
         self.fd = -1
         self.hasher: Hasher | None = None  # on-the-fly hash of a sequential download
         self.hashed_to = 0
+        # (start, end, checksum) of each response written, in `piece_algo`
+        self.piece_algo: str | None = None
+        self.pieces: list[tuple[int, int, int]] = []
         self.servers: dict[str, int] = {}
 
     def open(self, resume: bool) -> int:
@@ -561,19 +634,55 @@ class _Part:
         self.digest = None
         self.hasher = None
         self.hashed_to = 0
+        self.pieces = []
         os.ftruncate(self.fd, 0)
 
     def write(self, offset: int, data: bytes) -> None:
+        self.write_batch(offset, [data], None)
+        self.done.add(offset, offset + len(data))
+
+    def write_batch(self, offset: int, bufs: list[bytes], piece: Hasher | None) -> None:
+        """Write `bufs` at `offset` and feed the hashers (the caller records the range
+        in `done`)."""
+        want = sum(len(b) for b in bufs)
         try:
-            n = os.pwrite(self.fd, data, offset)
+            n = (
+                os.pwrite(self.fd, bufs[0], offset)
+                if len(bufs) == 1
+                else os.pwritev(self.fd, bufs, offset)
+            )
         except OSError as e:
             raise LocalError(str(self.dest), f"cannot write {self.path}: {e.strerror}") from None
-        if n != len(data):
+        if n != want:
             raise LocalError(str(self.dest), f"short write to {self.path} (disk full?)")
-        if self.hasher is not None and offset == self.hashed_to:
-            self.hasher.update(data)
+        hasher = self.hasher
+        if hasher is not None and offset == self.hashed_to:
+            for b in bufs:
+                hasher.update(b)
             self.hashed_to += n
-        self.done.add(offset, offset + n)
+        if piece is not None:
+            for b in bufs:
+                piece.update(b)
+
+    def add_piece(self, start: int, end: int, piece: Hasher) -> None:
+        if end > start:
+            self.pieces.append((start, end, int(piece.hexdigest(), 16)))
+
+    def combined(self, algo: str) -> str | None:
+        """The object's checksum from the pieces, when they tile [0, size) exactly."""
+        combine = _COMBINE.get(algo)
+        if combine is None or self.piece_algo != algo or self.size is None:
+            return None
+        value: int | None = None
+        pos = 0
+        for start, end, check in sorted(self.pieces):
+            if start != pos:
+                return None  # a gap (bytes kept from an earlier run) or an overlap
+            value = check if value is None else combine(value, check, end - start)
+            pos = end
+        if value is None or pos != self.size:
+            return None
+        return f"{value & 0xFFFFFFFF:08x}"
 
     def save(self) -> None:
         if self.size is None or self.fd < 0:
@@ -627,9 +736,9 @@ class Client:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            ctx = ssl.create_default_context()
             limit = self.opts.parallel_files * self.opts.parallel_chunks + 16
-            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=ctx)
+            # ssl=True: aiohttp's verifying default context, made once at its import
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, ssl=True)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.opts.connect_timeout),
@@ -974,6 +1083,7 @@ class Client:
                         # a full body: the server cannot resume, or the object changed
                         self.progress.add(-part.done.total())
                         part.done = Intervals()
+                        part.pieces = []
                         result.resumed = 0
                     if first and offset == 0:
                         pref = opts.checksum
@@ -981,35 +1091,47 @@ class Client:
                         part.hasher = Hasher(algo)
                         part.hashed_to = 0
                     self._note_meta(part, resp, first)
+                    if part.piece_algo is None and opts.checksum != "none":
+                        offered = part.digest[0] if part.digest else None
+                        pref = opts.checksum if opts.checksum in ALGORITHMS else "crc32c"
+                        algo = offered or pref
+                        part.piece_algo = algo if algo in _COMBINE else None
                     # the body, watched for stalls
                     window = opts.stall_window
                     win_start = loop.time()
                     win_bytes = 0
                     cm.reschedule(loop.time() + window)
                     pos = offset
-                    async for data in resp.content.iter_any():
-                        if expect >= 0 and pos - offset + len(data) > expect:
-                            data = data[: expect - (pos - offset)]
-                        if data:
-                            part.write(pos, data)
-                            pos += len(data)
-                            got += len(data)
-                            win_bytes += len(data)
-                            self.progress.add(len(data))
-                            await self._limiter.consume(len(data))
-                        now = loop.time()
-                        if now - win_start >= window:
-                            if win_bytes < opts.min_rate * (now - win_start):
-                                raise Stalled(
-                                    obj,
-                                    f"{server} stalled: {win_bytes} bytes in "
-                                    f"{now - win_start:.1f}s",
-                                    server=server,
-                                )
-                            win_start, win_bytes = now, 0
-                        cm.reschedule(now + window)
-                        if expect >= 0 and pos - offset >= expect:
-                            break
+                    # this response's bytes are one piece of the object's checksum
+                    piece = Hasher(part.piece_algo) if part.piece_algo else None
+                    try:
+                        async for data in resp.content.iter_any():
+                            if expect >= 0 and pos - offset + len(data) > expect:
+                                data = data[: expect - (pos - offset)]
+                            if data:
+                                part.write_batch(pos, [data], piece)
+                                part.done.add(pos, pos + len(data))
+                                pos += len(data)
+                                got += len(data)
+                                win_bytes += len(data)
+                                self.progress.add(len(data))
+                                await self._limiter.consume(len(data))
+                            now = loop.time()
+                            if now - win_start >= window:
+                                if win_bytes < opts.min_rate * (now - win_start):
+                                    raise Stalled(
+                                        obj,
+                                        f"{server} stalled: {win_bytes} bytes in "
+                                        f"{now - win_start:.1f}s",
+                                        server=server,
+                                    )
+                                win_start, win_bytes = now, 0
+                            cm.reschedule(now + window)
+                            if expect >= 0 and pos - offset >= expect:
+                                break
+                    finally:
+                        if piece is not None:
+                            part.add_piece(offset, pos, piece)
                     if expect < 0:  # no length announced: what came is the object
                         part.set_size(pos)
                     elif pos - offset < expect:
@@ -1068,7 +1190,7 @@ class Client:
         ):
             actual = part.hasher.hexdigest()
         else:
-            actual = await asyncio.to_thread(hash_file, part.path, algo)
+            actual = part.combined(algo) or await asyncio.to_thread(hash_file, part.path, algo)
         if actual != expected:
             demoted.update(part.servers)
             raise ChecksumMismatch(
