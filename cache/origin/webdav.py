@@ -88,10 +88,12 @@ class Resource:
             return element
         if name == "getlastmodified":
             return email.utils.formatdate(self.mtime, usegmt=True) if self.mtime else None
-        if self.is_collection:
-            return None  # content length, type and etag describe objects only
         if name == "getcontentlength":
-            return str(self.size)
+            # collections too: Pelican clients (pelicanfs find/walk) take int() of every
+            # entry's length, as XrdHttp and Pelican origins always send one
+            return "0" if self.is_collection else str(self.size)
+        if self.is_collection:
+            return None  # type and etag describe objects only
         if name == "getetag":
             return self.etag
         if name == "getcontenttype":

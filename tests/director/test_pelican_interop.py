@@ -150,6 +150,7 @@ out = {}
 out["ls"] = sorted(fs.ls("/data/dir", detail=False))
 out["info"] = [i["name"] for i in fs.ls("/data/dir", detail=True)]
 out["isdir"] = fs.isdir("/data/dir")
+out["find"] = sorted(fs.find("/data/dir"))
 out["cached"] = fs.cat_file("/data/dir/small.txt").decode()
 direct = PelicanFileSystem(sys.argv[1], direct_reads=True)
 out["direct"] = direct.cat_file("/data/dir/small.txt").decode()
@@ -196,11 +197,14 @@ def test_pelicanfs_lists_through_collections_url(
     tmp_path: Path,
     tls: TLS,
     http_origin: str,
+    origin: Path,
 ) -> None:
     """Listings: PROPFIND at the director -> collections-url (our origin's WebDAV);
     reads through a cache that fetches from the same origin over HTTP; direct reads
     through /api/v1.0/director/origin/."""
     (tmp_path / "c").mkdir()
+    (origin / "dir" / "sub").mkdir(exist_ok=True)
+    (origin / "dir" / "sub" / "deep.txt").write_text("deeper\n")
     cache = CacheProcess(tmp_path / "c" / "cache", {"/data": f"{http_origin}/data"}).start()
     try:
         with DirectorProcess(
@@ -223,8 +227,14 @@ def test_pelicanfs_lists_through_collections_url(
             )
             assert proc.returncode == 0, proc.stderr[-3000:]
             out = json.loads(proc.stdout.strip().splitlines()[-1])
-            assert out["ls"] == ["/data/dir/small.txt"]
-            assert out["info"] == ["/data/dir/small.txt"]
+            # collections are listed with the trailing '/' of their WebDAV href
+            assert [p.rstrip("/") for p in out["ls"]] == ["/data/dir/small.txt", "/data/dir/sub"]
+            assert sorted(p.rstrip("/") for p in out["info"]) == [
+                "/data/dir/small.txt",
+                "/data/dir/sub",
+            ]
+            # find walks into collections (it needs their getcontentlength)
+            assert out["find"] == ["/data/dir/small.txt", "/data/dir/sub/deep.txt"]
             assert out["isdir"] is True
             assert out["cached"] == out["direct"] == "hello from the posix origin\n"
             m = director.metrics()
