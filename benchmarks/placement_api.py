@@ -249,8 +249,12 @@ def report(result: Result, count: int, batch: int, workers: int) -> str:
         "## Placement API: stashflow vs Rucio " + RUCIO_VERSION,
         "",
         f"{count:,} files ({batch:,} per call where the call takes a list), "
-        f"{workers} server workers each, one PostgreSQL, the same rucio.client.Client; "
-        f"{platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}.",
+        f"{workers} server workers each, one PostgreSQL, the same rucio.client.Client, "
+        f"client and servers on one machine: {_cpu_model()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}.",
+        "",
+        "Command: `.venv/bin/python " + " ".join(["benchmarks/placement_api.py", *sys.argv[1:]])
+        + "` (it builds Rucio's virtualenv on first use).",
         "",
         "| operation | stashflow files/s | Rucio files/s | ratio |",
         "|---|---:|---:|---:|",
@@ -262,8 +266,25 @@ def report(result: Result, count: int, batch: int, workers: int) -> str:
         shown = f"{theirs:,.0f}" if theirs else "not run"
         lines.append(f"| {op} | {mine:,.0f} | {shown} | {ratio} |")
     lines.append("")
-    lines.append("Target: at least 10x on each operation.")
+    if result.rucio:
+        missed = [op for op in OPERATIONS
+                  if result.rucio.get(op) and result.ours[op] / result.rucio[op] < 10]
+        verdict = "met on every operation" if not missed else "not met for " + ", ".join(missed)
+        lines.append(f"Target: at least 10x on each operation: {verdict} in this run.")
+    else:
+        lines.append("Target: at least 10x on each operation (Rucio not run: no ratios).")
     return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def write_section(path: Path, text: str) -> None:
