@@ -225,6 +225,17 @@ class Index:
                 out[idx] = _CRC.unpack(v)[0]
         return out
 
+    def inline_hit(self, key: str) -> tuple[bytes, bytes] | None:
+        """(raw record, crc32c + content) of a small object, in one read transaction:
+        the fast path's only index access."""
+        oid = object_id(key)
+        with self.env.begin() as txn:
+            raw = txn.get(oid, db=self._obj)
+            if raw is None:
+                return None
+            data = txn.get(oid, db=self._inl)
+        return (bytes(raw), bytes(data)) if data is not None else None
+
     def inline_data(self, rec: Record) -> tuple[int, bytes] | None:
         """(crc32c recorded at store time, content) of a small object."""
         with self.env.begin(db=self._inl) as txn:

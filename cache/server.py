@@ -47,11 +47,12 @@ def error(status: int, message: str, **fields: Any) -> web.Response:
 
 
 @functools.lru_cache(maxsize=4096)
-def _http_date(ts: float) -> str:
+def http_date(ts: float) -> str:
     return email.utils.formatdate(ts, usegmt=True)
 
 
-def _etag(rec: Record) -> str:
+def etag_of(rec: Record) -> str:
+    """The ETag clients see: the origin's, or one made of size and mtime."""
     if rec.etag:
         tag = rec.etag.strip()
         return tag if tag.startswith(('"', 'W/"')) else f'"{tag}"'
@@ -152,14 +153,14 @@ class ObjectHandler:
         except OriginTimeout as e:
             return error(504, str(e), path=key, origin=ns.origin_url)
 
-        etag = _etag(rec)
+        etag = etag_of(rec)
         headers = {
             "ETag": etag,
             "Accept-Ranges": "bytes",
             "Content-Type": CONTENT_TYPE,
         }
         if rec.mtime is not None:
-            headers["Last-Modified"] = _http_date(rec.mtime)
+            headers["Last-Modified"] = http_date(rec.mtime)
         if _not_modified(request, etag, rec):
             outcome["result"] = "not_modified"
             return web.Response(status=304, headers=headers)

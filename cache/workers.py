@@ -63,6 +63,7 @@ def _setup_logging(cfg: CacheConfig) -> None:
 async def _run_worker(cfg: CacheConfig) -> None:
     from aiohttp import web
 
+    from stashflow.cache.fastpath import FastPathProtocol, protocol_factory
     from stashflow.cache.server import AccessLogger, make_app
     from stashflow.cache.service import CacheService
 
@@ -75,13 +76,20 @@ async def _run_worker(cfg: CacheConfig) -> None:
         handle_signals=False,
     )
     await runner.setup()
-    site = web.SockSite(runner, _bind(cfg, listen=True))
-    await site.start()
-    stop = asyncio.Event()
+    # connections start on the small-object fast path and move to aiohttp for
+    # anything else (see fastpath.py)
+    connections: set[FastPathProtocol] = set()
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        protocol_factory(service, runner.server, connections), sock=_bind(cfg, listen=True)
+    )
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    server.close()
+    for conn in list(connections):
+        conn.close()
     await runner.cleanup()
 
 
