@@ -46,6 +46,12 @@ class Unsupported(StorageError):
     """The backend cannot do this operation (e.g. no server-side checksum)."""
 
 
+def check_range(offset: int, length: int | None, chunk_size: int) -> None:
+    """The argument checks every backend's `stream` starts with."""
+    if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
+        raise ValueError("offset, length and chunk_size must be non-negative")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a backend knows about one object without reading it."""

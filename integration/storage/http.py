@@ -33,6 +33,7 @@ from stashflow.integration.storage.base import (
     StorageError,
     Unavailable,
     Unsupported,
+    check_range,
 )
 
 TEMP_MARKER = ".stashflow-tmp-"
@@ -238,8 +239,7 @@ class HTTPStorage(Storage):
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> AsyncIterator[bytes]:
-        if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
-            raise ValueError("offset, length and chunk_size must be non-negative")
+        check_range(offset, length, chunk_size)
         url = self.url_of(path)
         if length is None and offset > 0:
             # An open-ended range ("bytes=N-") is answered with an empty body by XrdHttp

@@ -26,6 +26,7 @@ from stashflow.integration.storage.base import (
     Storage,
     StorageError,
     Unavailable,
+    check_range,
 )
 
 TEMP_MARKER = ".stashflow-tmp-"
@@ -167,8 +168,7 @@ class RootStorage(Storage):
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> AsyncIterator[bytes]:
-        if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
-            raise ValueError("offset, length and chunk_size must be non-negative")
+        check_range(offset, length, chunk_size)
         url = self.url_of(path)
         handle = _OpenFile(self.timeout)
         try:

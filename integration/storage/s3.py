@@ -36,6 +36,7 @@ from stashflow.integration.storage.base import (
     Storage,
     StorageError,
     Unavailable,
+    check_range,
 )
 
 if TYPE_CHECKING:
@@ -183,8 +184,7 @@ class S3Storage(Storage):
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> AsyncIterator[bytes]:
-        if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
-            raise ValueError("offset, length and chunk_size must be non-negative")
+        check_range(offset, length, chunk_size)
         url = self.url_of(path)
         key = self._key(path)
         if length == 0:
