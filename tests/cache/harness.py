@@ -160,6 +160,18 @@ class CacheProcess:
             out[name_labels] = float(value)
         return out
 
+    def wait_cached(self, path: str, timeout: float = 20) -> None:
+        """Until the whole object is on the cache's disk. A miss is served while its
+        blocks are written behind it, so the response can end before they are all
+        committed; another worker only sees committed blocks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for obj in self.admin(f"objects?prefix={path}").json()["objects"]:
+                if obj["path"] == path and obj["complete"]:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"{path} not fully cached after {timeout}s")
+
     def origin_bytes(self) -> float:
         return self.metrics().get("stashflow_cache_origin_bytes_total", 0.0)
 

@@ -19,6 +19,7 @@ def _check(c: CacheProcess, ns: str, big: bytes, small: bytes) -> None:
     r = c.get(f"{ns}/big.bin")
     assert r.status == 200 and r.body == big
     assert r.headers["x-stashflow-cache"] == "miss"
+    c.wait_cached(f"{ns}/big.bin")
     assert c.get(f"{ns}/big.bin").headers["x-stashflow-cache"] == "hit"
     part = c.get(f"{ns}/big.bin", {"Range": "bytes=2097100-2097199"})
     assert part.status == 206 and part.body == big[2097100:2097200]

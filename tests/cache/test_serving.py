@@ -44,6 +44,7 @@ def test_miss_then_hit_serves_identical_bytes(cache: CacheProcess, origin: Path)
     assert first.headers["x-stashflow-cache"] == "miss"
     assert first.body == (origin / "big.bin").read_bytes()
     assert int(first.headers["content-length"]) == len(first.body)
+    cache.wait_cached("/ns/big.bin")
     second = cache.get("/ns/big.bin")
     assert second.headers["x-stashflow-cache"] == "hit"
     assert second.body == first.body
@@ -53,6 +54,7 @@ def test_miss_then_hit_serves_identical_bytes(cache: CacheProcess, origin: Path)
 
 def test_small_object_is_inline_and_hit(cache: CacheProcess) -> None:
     assert cache.get("/ns/small.txt").body == b"hello stashflow\n"
+    cache.wait_cached("/ns/small.txt")
     again = cache.get("/ns/small.txt")
     assert again.headers["x-stashflow-cache"] == "hit"
     objs = {o["path"]: o for o in cache.admin("objects?prefix=/ns/small").json()["objects"]}

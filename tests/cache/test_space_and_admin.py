@@ -181,6 +181,7 @@ def test_kill9_during_a_large_miss_then_restart(tmp_path: Path) -> None:
         c.start()
         r = c.get("/ns/f.bin")
         assert r.status == 200 and r.body == data
+        c.wait_cached("/ns/f.bin")
         assert c.get("/ns/f.bin").headers["x-stashflow-cache"] == "hit"
         assert c.admin("stats").json()["usage_bytes"] == len(data)
     finally:
