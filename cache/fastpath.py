@@ -58,7 +58,8 @@ class _Dates:
 
 _DATES = _Dates()
 _CRC = struct.Struct("<I")
-# key -> (raw record it was parsed from, the record, response head up to the Date)
+# key -> (the record's bytes before its access statistics, the record, response head
+# up to the Date)
 _MEMO: dict[str, tuple[bytes, Record, bytes]] = {}
 _LATENCY = metrics.LATENCY.labels("hit")
 
@@ -209,12 +210,15 @@ class FastPathProtocol(asyncio.Protocol):
         if hit is None:
             return False
         raw, stored = hit
+        # the access statistics at the end of the record change every second; what
+        # the answer depends on is before them
+        identity = raw[: raw.rfind(b',"hits":')]
         memo = _MEMO.get(key)
-        if memo is None or memo[0] != raw:
+        if memo is None or memo[0] != identity:
             rec = Record.loads(raw)
             if not rec.inline or not rec.complete:
                 return False
-            memo = _MEMO[key] = (raw, rec, _head(rec))
+            memo = _MEMO[key] = (identity, rec, _head(rec))
             if len(_MEMO) > 100_000:
                 _MEMO.clear()
         _, rec, head_bytes = memo

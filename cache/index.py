@@ -97,11 +97,13 @@ class Record:
     present: int = 0  # bytes present (blocks or inline data)
     complete: bool = False
     pinned: bool = False
+    validated: float = 0.0
+    created: float = 0.0
+    # access statistics last: they change every second for a busy object, and readers
+    # that only need the object's identity compare the bytes before them (fastpath.py)
     hits: int = 0
     atime: float = 0.0
     priority: float = 0.0
-    validated: float = 0.0
-    created: float = 0.0
 
     @functools.cached_property
     def objid(self) -> bytes:
