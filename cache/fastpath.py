@@ -26,8 +26,8 @@ from typing import Any
 from stashflow.cache import metrics
 from stashflow.cache.index import Record
 from stashflow.cache.namespace import BadPath, clean_path
-from stashflow.cache.server import etag_of, http_date
 from stashflow.cache.service import CacheService
+from stashflow.cache.validators import etag, http_date
 from stashflow.integration.checksums import block_crc
 
 MAX_HEAD = 16 << 10
@@ -69,7 +69,7 @@ def _head(rec: Record) -> bytes:
         b"HTTP/1.1 200 OK",
         b"Content-Type: application/octet-stream",
         b"Content-Length: " + str(rec.size).encode(),
-        b"ETag: " + etag_of(rec).encode(),
+        b"ETag: " + etag(rec.size, rec.mtime, rec.etag).encode(),
         b"Accept-Ranges: bytes",
         b"X-Stashflow-Cache: hit",
     ]

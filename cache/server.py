@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import ipaddress
 import json
 import logging
@@ -16,7 +14,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
-from stashflow.cache import metrics
+from stashflow.cache import metrics, validators
 from stashflow.cache.admission import Overloaded
 from stashflow.cache.config import CacheConfig
 from stashflow.cache.fetch import BlockFuture, CacheFull, ObjectGone, Stalled, guarded
@@ -44,50 +42,6 @@ def error(status: int, message: str, **fields: Any) -> web.Response:
     body = json.dumps({"error": message, "status": status, **fields})
     headers = {"Retry-After": str(fields.pop("retry_after"))} if "retry_after" in fields else None
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
-@functools.lru_cache(maxsize=4096)
-def http_date(ts: float) -> str:
-    return email.utils.formatdate(ts, usegmt=True)
-
-
-def etag_of(rec: Record) -> str:
-    """The ETag clients see: the origin's, or one made of size and mtime."""
-    if rec.etag:
-        tag = rec.etag.strip()
-        return tag if tag.startswith(('"', 'W/"')) else f'"{tag}"'
-    mtime = int((rec.mtime or 0) * 1e9)
-    return f'"{rec.size:x}-{mtime:x}"'
-
-
-def _not_modified(request: web.Request, etag: str, rec: Record) -> bool:
-    inm = request.headers.get("If-None-Match")
-    if inm is not None:
-        tags = [t.strip() for t in inm.split(",")]
-        return "*" in tags or etag in tags or etag in (t.removeprefix("W/") for t in tags)
-    ims = request.headers.get("If-Modified-Since")
-    if ims and rec.mtime:
-        try:
-            since = email.utils.parsedate_to_datetime(ims).timestamp()
-        except (TypeError, ValueError):
-            return False
-        return int(rec.mtime) <= since
-    return False
-
-
-def _if_range_ok(request: web.Request, etag: str, rec: Record) -> bool:
-    value = request.headers.get("If-Range")
-    if value is None:
-        return True
-    value = value.strip()
-    if value.startswith(('"', 'W/"')):
-        return value == etag
-    try:
-        return rec.mtime is not None and int(rec.mtime) == int(
-            email.utils.parsedate_to_datetime(value).timestamp()
-        )
-    except (TypeError, ValueError):
-        return False
 
 
 class ObjectHandler:
@@ -153,21 +107,21 @@ class ObjectHandler:
         except OriginTimeout as e:
             return error(504, str(e), path=key, origin=ns.origin_url)
 
-        etag = etag_of(rec)
+        etag = validators.etag(rec.size, rec.mtime, rec.etag)
         headers = {
             "ETag": etag,
             "Accept-Ranges": "bytes",
             "Content-Type": CONTENT_TYPE,
         }
         if rec.mtime is not None:
-            headers["Last-Modified"] = http_date(rec.mtime)
-        if _not_modified(request, etag, rec):
+            headers["Last-Modified"] = validators.http_date(rec.mtime)
+        if validators.not_modified(request.headers, etag, rec.mtime):
             outcome["result"] = "not_modified"
             return web.Response(status=304, headers=headers)
 
         ranges: list[tuple[int, int]] | None = None
         range_header = request.headers.get("Range")
-        if range_header is not None and _if_range_ok(request, etag, rec):
+        if range_header is not None and validators.range_applies(request.headers, etag, rec.mtime):
             try:
                 ranges = parse_range(range_header, rec.size)
             except RangeError as e:
@@ -309,9 +263,9 @@ class ObjectHandler:
 
         # Start the first window before sending headers, so that a cache that cannot
         # store anything, or an origin that fails at once, still gets a clean answer.
+        reader = _BlockReader(self, request, ns, rec, outcome)
         self.svc.index.set_open(rec, +1)
         try:
-            reader = _BlockReader(self, request, ns, rec, outcome)
             if spans and request.method != "HEAD":
                 reader.prime(spans[0][0], spans[0][1])
                 await reader.first_ready()
@@ -336,9 +290,7 @@ class ObjectHandler:
             outcome["result"] = "client_gone"
             raise
         finally:
-            reader_obj = locals().get("reader")
-            if isinstance(reader_obj, _BlockReader):
-                reader_obj.close()
+            reader.close()
             self.svc.index.set_open(rec, -1)
 
 

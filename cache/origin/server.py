@@ -15,7 +15,6 @@ destination does not exist, as the WLCG profile allows).
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
+from stashflow.cache import validators
 from stashflow.cache.namespace import BadPath, clean_path
 from stashflow.cache.origin import backend, webdav
 from stashflow.cache.ranges import RangeError, Unsatisfiable, multipart_layout, parse_range
@@ -120,41 +120,7 @@ class UploadRefused(Exception):
 
 
 def _etag(info: ObjectInfo) -> str:
-    if info.etag:
-        tag = info.etag.strip()
-        return tag if tag.startswith(('"', 'W/"')) else f'"{tag}"'
-    mtime = int((info.mtime or 0) * 1e9)
-    return f'"{info.size:x}-{mtime:x}"'
-
-
-def _not_modified(request: web.Request, etag: str, info: ObjectInfo) -> bool:
-    """RFC 9110 section 13.2.2: If-None-Match wins over If-Modified-Since."""
-    if_none = request.headers.get("If-None-Match")
-    if if_none is not None:
-        tags = {t.strip().removeprefix("W/") for t in if_none.split(",")}
-        return "*" in tags or etag.removeprefix("W/") in tags
-    since = request.headers.get("If-Modified-Since")
-    if since and info.mtime is not None:
-        try:
-            return int(info.mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
-        except (TypeError, ValueError):
-            return False
-    return False
-
-
-def _range_applies(request: web.Request, etag: str, info: ObjectInfo) -> bool:
-    """If-Range: send the range only if the object is still the one the client has."""
-    value = request.headers.get("If-Range")
-    if value is None:
-        return True
-    value = value.strip()
-    if value.startswith(('"', 'W/"')):
-        return value == etag and not etag.startswith("W/")
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return False
-    return info.mtime is not None and int(info.mtime) == int(when)
+    return validators.etag(info.size, info.mtime, info.etag)
 
 
 def _storage_error(key: str, exc: StorageError) -> web.Response:
@@ -330,13 +296,13 @@ class Origin:
         etag = _etag(info)
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": CONTENT_TYPE}
         if info.mtime is not None:
-            headers["Last-Modified"] = email.utils.formatdate(info.mtime, usegmt=True)
-        if _not_modified(request, etag, info):
+            headers["Last-Modified"] = validators.http_date(info.mtime)
+        if validators.not_modified(request.headers, etag, info.mtime):
             return web.Response(status=304, headers=headers)
 
         ranges: list[tuple[int, int]] | None = None
         header = request.headers.get("Range")
-        if header is not None and _range_applies(request, etag, info):
+        if header is not None and validators.range_applies(request.headers, etag, info.mtime):
             try:
                 ranges = parse_range(header, info.size)
             except RangeError as e:

@@ -54,6 +54,7 @@ def test_fast_hits_match_the_full_handler(cache: CacheProcess) -> None:
         s.sendall(_get("/ns/a.txt"))  # miss: the full handler (aiohttp) answers
         status1, h1, body1 = _read_response(s, buf)
         assert "server" in h1 and h1["x-stashflow-cache"] == "miss"
+    cache.wait_cached("/ns/a.txt")  # the miss's bytes are committed behind the response
     with socket.create_connection(("127.0.0.1", cache.port)) as s:
         buf = bytearray()
         s.sendall(_get("/ns/a.txt"))

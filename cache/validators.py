@@ -1,0 +1,53 @@
+"""HTTP validators shared by the cache and the origin: ETags, Last-Modified, and the
+conditional headers that use them (RFC 9110 section 13)."""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+from collections.abc import Mapping
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def etag(size: int, mtime: float | None, origin_etag: str | None) -> str:
+    """The ETag clients see: the storage's own, quoted, or one made of size and mtime."""
+    if origin_etag:
+        tag = origin_etag.strip()
+        return tag if tag.startswith(('"', 'W/"')) else f'"{tag}"'
+    return f'"{size:x}-{int((mtime or 0) * 1e9):x}"'
+
+
+def not_modified(headers: Mapping[str, str], tag: str, mtime: float | None) -> bool:
+    """Whether a conditional GET/HEAD gets 304. If-None-Match wins over
+    If-Modified-Since (section 13.2.2), and compares weakly."""
+    if_none = headers.get("If-None-Match")
+    if if_none is not None:
+        tags = {t.strip().removeprefix("W/") for t in if_none.split(",")}
+        return "*" in tags or tag.removeprefix("W/") in tags
+    since = headers.get("If-Modified-Since")
+    if since and mtime is not None:
+        try:
+            return int(mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def range_applies(headers: Mapping[str, str], tag: str, mtime: float | None) -> bool:
+    """If-Range: the range is sent only if the object is still the one the client has
+    (a strong ETag match, or the same Last-Modified second)."""
+    value = headers.get("If-Range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith(('"', 'W/"')):
+        return value == tag and not tag.startswith("W/")
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return False
+    return mtime is not None and int(mtime) == int(when)
