@@ -58,7 +58,6 @@ import multiprocessing
 import os
 import platform
 import random
-import re
 import shlex
 import statistics
 import sys
@@ -564,21 +563,11 @@ def render(results: list[Result], args: argparse.Namespace, seconds: float) -> s
 
 
 def update_markdown(path: Path, body: str) -> None:
-    """Write `body` as the section SECTION of `path`, replacing that section if present."""
-    section = f"{SECTION}\n\n{body}\n"
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = "# Benchmarks\n\nEvery figure lists the command that produced it and the machine.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    match = pattern.search(text)
-    if match:
-        rest = text[match.end() :]
-        text = text[: match.start()] + section + ("\n" + rest if rest else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Write `body` as the section SECTION of `path`, keeping the other sections."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cache_common import update_markdown as write_section
+
+    write_section(path, SECTION, body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
