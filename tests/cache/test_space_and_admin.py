@@ -117,6 +117,7 @@ def test_admin_token(tmp_path: Path, files: Path) -> None:
 def test_metrics_exposition(tmp_path: Path, files: Path) -> None:
     with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, workers=2) as c:
         c.get("/ns/f00.bin")
+        c.wait_cached("/ns/f00.bin")  # so that either worker answers the next GET as a hit
         c.get("/ns/f00.bin")
         c.get("/ns/nope")
         m = c.metrics()
