@@ -13,7 +13,6 @@ from sqlalchemy import (
     Engine,
     Table,
     and_,
-    any_,
     bindparam,
     create_engine,
     event,
@@ -22,13 +21,13 @@ from sqlalchemy import (
     or_,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import ColumnElement
-from sqlalchemy.types import Boolean
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import Boolean, Text, TypeDecorator, TypeEngine, UserDefinedType
 
 DEFAULT_URL = "sqlite:///placement.db"
 
@@ -61,6 +60,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # plan in which a long `name IN (...)` list is searched linearly for every row (only a
     # constant list is hashed): bulk lookups got 50x slower as tables grew. Plan each time.
     kwargs.setdefault("connect_args", {"prepare_threshold": None})
+    _register_text_array_dumper()
     return create_engine(url, **kwargs)
 
 
@@ -87,28 +87,86 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, autoflush=True)
 
 
+class _TextArray(list[str]):
+    """Names bound as a PostgreSQL text[] parameter by `_TextArrayDumper`."""
+
+
+def _text_array_literal(names: list[str]) -> bytes:
+    joined = '","'.join(names)
+    if '"' in joined or "\\" in joined:
+        joined = '","'.join(n.replace("\\", "\\\\").replace('"', '\\"') for n in names)
+    return ('{"' + joined + '"}' if names else "{}").encode()
+
+
+def _register_text_array_dumper() -> None:
+    """Teach psycopg to send a `_TextArray` as a text[] literal written in one join:
+    its generic list adapter looks at every element on its own, which cost more than
+    the lookup the list feeds."""
+    import psycopg
+    from psycopg.adapt import Dumper
+
+    class _TextArrayDumper(Dumper):
+        oid = psycopg.adapters.types["text"].array_oid
+
+        def dump(self, obj: Any) -> bytes:
+            return _text_array_literal(obj)
+
+    psycopg.adapters.register_dumper(_TextArray, _TextArrayDumper)
+
+
+class _TextArrayParameter(UserDefinedType[list[str]]):
+    cache_ok = True
+    render_bind_cast = True
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "TEXT[]"
+
+
+class _NameList(TypeDecorator[list[str]]):
+    """A list of names bound as one parameter: a text[] array on PostgreSQL (known when
+    the statement is planned, so hashed and index-friendly), a JSON array on SQLite (read
+    back with json_each)."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(_TextArrayParameter())
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        return _TextArray(value) if dialect.name == "postgresql" else json.dumps(value)
+
+
 class _NamesIn(ColumnElement[bool]):
-    """`column IN (names)`; on PostgreSQL `column = ANY(%(array)s)`: one parameter instead
-    of thousands, which psycopg would otherwise re-parse in the query text on every call."""
+    """`column IN (names)` with the names in one bound parameter. The statement text is
+    then the same whatever the number of names, so SQLAlchemy compiles it once and caches
+    it (with one parameter per name, each call was compiled anew, and psycopg re-parsed
+    thousands of placeholders)."""
 
     type = Boolean()
-    # The values live inside the construct, invisible to SQLAlchemy's statement cache.
-    inherit_cache = False
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
+                           ("names", InternalTraversal.dp_clauseelement)]
 
     def __init__(self, column: Any, names: list[str]) -> None:
         self.column = column
-        self.names = names
+        self.names = bindparam(None, names, type_=_NameList())
 
 
 @compiles(_NamesIn)
 def _names_in(element: _NamesIn, compiler: Any, **kw: Any) -> str:
-    return str(compiler.process(element.column.in_(element.names), **kw))
+    column = compiler.process(element.column, **kw)
+    return f"{column} IN (SELECT value FROM json_each({compiler.process(element.names, **kw)}))"
 
 
 @compiles(_NamesIn, "postgresql")
 def _names_in_postgresql(element: _NamesIn, compiler: Any, **kw: Any) -> str:
-    values = bindparam(None, element.names, type_=ARRAY(element.column.type))
-    return str(compiler.process(element.column == any_(values), **kw))
+    column = compiler.process(element.column, **kw)
+    return f"{column} = ANY({compiler.process(element.names, **kw)})"
 
 
 def keys_in(scope_column: Any, name_column: Any, keys: list[tuple[str, str]]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -199,13 +200,69 @@ def _sites(session: Session, domains: list[str], schemes: list[str] | None,
     return sites
 
 
-def list_replicas(session: Session, dids: list[dict[str, Any]], *,
-                  schemes: list[str] | None = None, all_states: bool = False,
-                  rse_expression: str | None = None, sort: str | None = None,
-                  domain: str | None = None, resolve_parents: bool = False,
-                  nrandom: int | None = None) -> list[dict[str, Any]]:
-    """One line per file (collections expanded) with PFNs, RSEs and states, in the shape
-    of Rucio's `POST /replicas/list`; priorities are 1-based, LAN before WAN."""
+@dataclass
+class Listing:
+    """What `POST /replicas/list` answers, read from the catalog in one transaction and
+    turned into lines afterwards (`lines()`), so the server can stream the lines while
+    the client is already parsing the first ones."""
+
+    files: list[Any]
+    replicas: dict[tuple[str, str], list[tuple[str, str | None, ReplicaState]]]
+    sites: dict[str, _Site]
+    domains: list[str]
+    sort: str | None
+    nrandom: int | None
+    parents: dict[tuple[str, str], list[str]] | None
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        shuffle = self.sort == "random"
+        lan_first = not shuffle and len(self.domains) > 1
+        sites = self.sites
+        no_replicas: list[tuple[str, str | None, ReplicaState]] = []
+        for file in self.files:
+            key = (file.scope, file.name)
+            found = self.replicas.get(key, no_replicas)
+            if shuffle and len(found) > 1:
+                found = random.sample(found, len(found))
+            if self.nrandom:
+                found = random.sample(found, min(self.nrandom, len(found)))
+            candidates: list[tuple[str, str, _Site]] = []
+            for rse_id, path, _state in found:
+                site = sites[rse_id]
+                if path and "://" in path:  # non-deterministic: the stored PFN itself
+                    if site.readers:
+                        candidates.append((site.readers[0][0], path, site))
+                    continue
+                relative = path or ""
+                relative = relative if relative.startswith("/") else "/" + relative
+                candidates.extend((current, prefix + relative, site)
+                                  for current, _scheme, prefix in site.readers)
+            if lan_first:
+                candidates.sort(key=lambda c: c[0] != "lan")
+            pfns: dict[str, Any] = {}
+            rse_pfns: dict[str, list[str]] = {sites[rse_id].name: [] for rse_id, _p, _s in found}
+            for current, pfn, site in candidates:
+                if pfn not in pfns:
+                    pfns[pfn] = {**site.info, "domain": current, "priority": len(pfns) + 1,
+                                 "client_extract": False}
+                    rse_pfns[site.name].append(pfn)
+            line: dict[str, Any] = {
+                "scope": file.scope, "name": file.name, "bytes": file.bytes, "md5": file.md5,
+                "adler32": file.adler32, "pfns": pfns, "rses": rse_pfns,
+                "states": {sites[rse_id].name: state.value for rse_id, _p, state in found},
+            }
+            if self.parents is not None:
+                line["parents"] = self.parents[key]
+            yield line
+
+
+def gather_replicas(session: Session, dids: list[dict[str, Any]], *,
+                    schemes: list[str] | None = None, all_states: bool = False,
+                    rse_expression: str | None = None, sort: str | None = None,
+                    domain: str | None = None, resolve_parents: bool = False,
+                    nrandom: int | None = None) -> Listing:
+    """Everything `list_replicas` needs from the catalog: the files under `dids` (each
+    once), their replicas on the RSEs allowed, and how each RSE is read."""
     if not isinstance(dids, list) or not all(isinstance(d, dict) for d in dids):
         raise InvalidObject("'dids' must be a list of {scope, name} objects")
     files: list[Any] = []
@@ -230,43 +287,19 @@ def list_replicas(session: Session, dids: list[dict[str, Any]], *,
         for scope, name, rse_id, path, state in session.execute(query.order_by(Replica.rse_id)):
             if rse_id in sites:
                 replicas[(scope, name)].append((rse_id, path, state))
-    out = []
-    for file in files:
-        found = replicas[(file.scope, file.name)]
-        if sort == "random":
-            random.shuffle(found)
-        if nrandom:
-            found = random.sample(found, min(nrandom, len(found)))
-        candidates: list[tuple[str, str, _Site]] = []
-        for rse_id, path, _state in found:
-            site = sites[rse_id]
-            if path and "://" in path:  # non-deterministic: the stored PFN itself
-                if site.readers:
-                    candidates.append((site.readers[0][0], path, site))
-                continue
-            relative = path or ""
-            relative = relative if relative.startswith("/") else "/" + relative
-            candidates.extend((current, prefix + relative, site)
-                              for current, _scheme, prefix in site.readers)
-        if sort != "random" and len(domains) > 1:
-            candidates.sort(key=lambda c: c[0] != "lan")
-        pfns: dict[str, Any] = {}
-        rse_pfns: dict[str, list[str]] = {sites[rse_id].name: [] for rse_id, _p, _s in found}
-        for current, pfn, site in candidates:
-            if pfn not in pfns:
-                pfns[pfn] = {**site.info, "domain": current, "priority": len(pfns) + 1,
-                             "client_extract": False}
-                rse_pfns[site.name].append(pfn)
-        line: dict[str, Any] = {
-            "scope": file.scope, "name": file.name, "bytes": file.bytes, "md5": file.md5,
-            "adler32": file.adler32, "pfns": pfns, "rses": rse_pfns,
-            "states": {sites[rse_id].name: state.value for rse_id, _p, state in found},
-        }
-        if resolve_parents:
-            line["parents"] = [f"{p['scope']}:{p['name']}" for p in
-                               list_parents(session, file.scope, file.name)]
-        out.append(line)
-    return out
+    parents = None
+    if resolve_parents:
+        parents = {key: [f"{p['scope']}:{p['name']}" for p in list_parents(session, *key)]
+                   for key in keys}
+    return Listing(files, replicas, sites, domains, sort, nrandom, parents)
+
+
+def list_replicas(session: Session, dids: list[dict[str, Any]], **options: Any
+                  ) -> list[dict[str, Any]]:
+    """One line per file (collections expanded) with PFNs, RSEs and states, in the shape
+    of Rucio's `POST /replicas/list`; priorities are 1-based, LAN before WAN. The options
+    are those of `gather_replicas`."""
+    return list(gather_replicas(session, dids, **options).lines())
 
 
 def dataset_replicas(session: Session, scope: str, name: str) -> list[dict[str, Any]]:

@@ -805,7 +805,8 @@ def _drop_unneeded_requests(session: Session, rse_id: str,
 # --- the judge-evaluator, synchronous ------------------------------------------------------
 
 
-def _covering_rules(session: Session, parent: DID) -> list[Rule]:
+def covering_rules(session: Session, parent: DID) -> list[Rule]:
+    """The rules on `parent` and its ancestors, row-locked, oldest first."""
     keys = [(parent.scope, parent.name), *ancestors_of(session, parent.scope, parent.name)]
     found: list[Rule] = []
     for i in range(0, len(keys), CHUNK):
@@ -829,13 +830,15 @@ def _locked_names(session: Session, rule: Rule, files: list[DID]) -> set[tuple[s
     return found
 
 
-def extend_for_attach(session: Session, parent: DID, children: list[DID]) -> None:
+def extend_for_attach(session: Session, parent: DID, children: list[DID],
+                      rules: list[Rule] | None = None) -> None:
     """Extend every rule on `parent` or its ancestors to newly attached content. Files of a
     dataset follow the RSEs the rule already uses for that dataset (grouping DATASET) or
     for the whole DID (ALL); otherwise they are placed like at rule creation. A rule that
     cannot be extended becomes STUCK with the reason, as Rucio's evaluator does; the
     attachment itself stands."""
-    rules = _covering_rules(session, parent)
+    if rules is None:
+        rules = covering_rules(session, parent)
     if not rules:
         return
     groups: list[tuple[DID | None, list[DID]]] = []
@@ -891,7 +894,7 @@ def _extend(session: Session, rule: Rule, groups: list[tuple[DID | None, list[DI
 def shrink_for_detach(session: Session, parent: DID, children: list[DID]) -> None:
     """Remove the locks that rules on `parent` or its ancestors held on content that is no
     longer reachable from the rule's DID."""
-    rules = _covering_rules(session, parent)
+    rules = covering_rules(session, parent)
     if not rules:
         return
     detached: list[DID] = []

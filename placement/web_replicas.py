@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from sqlalchemy.orm import Session
 
@@ -15,6 +13,7 @@ from stashflow.placement.rest import (
     created,
     ok,
     read_json,
+    stream_lines,
     stream_response,
 )
 
@@ -65,14 +64,15 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         if nrandom is not None and (not isinstance(nrandom, int) or nrandom < 1):
             raise InvalidObject("'nrandom' must be a positive integer")
 
-        def work(session: Session, _caller: str) -> list[dict[str, Any]]:
-            return replicas.list_replicas(
+        def work(session: Session, _caller: str) -> replicas.Listing:
+            return replicas.gather_replicas(
                 session, body["dids"], schemes=schemes,
                 all_states=bool(body.get("all_states")),
                 rse_expression=body.get("rse_expression"), sort=sort, domain=domain,
                 resolve_parents=bool(body.get("resolve_parents")), nrandom=nrandom)
 
-        return stream_response(await catalog.call(request, work))
+        listing = await catalog.call(request, work)
+        return await stream_lines(request, listing.lines())
 
     async def datasets(request: web.Request) -> web.Response:
         tail = request.match_info["tail"]

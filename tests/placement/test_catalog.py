@@ -15,6 +15,7 @@ from stashflow.placement.exceptions import (
     AccessDenied,
     CannotAuthenticate,
     DataIdentifierAlreadyExists,
+    DataIdentifierNotFound,
     Duplicate,
     FileAlreadyExists,
     FileConsistencyMismatch,
@@ -123,6 +124,44 @@ def test_attachment_graph_is_a_dag(factory: Factory) -> None:
         assert dids.list_parents(session, "test", "f1") == [
             {"scope": "test", "name": "ds1", "type": "DATASET"},
             {"scope": "test", "name": "ds2", "type": "DATASET"}]
+
+
+def test_a_refused_bulk_attachment_writes_nothing(factory: Factory) -> None:
+    """Attaching to a dataset inserts optimistically in one statement; when any child is
+    wrong, the whole batch is undone and the error names the culprit."""
+    with factory.begin() as session:
+        setup_scope(session)
+        rses.add_rse(session, "SITE_A", {})
+        replicas.add_replicas(session, "root", "SITE_A", [
+            {"scope": "test", "name": f"f{i}", "bytes": 10 + i} for i in range(4)])
+        dids.add_collection(session, "root", "test", "ds", DIDType.DATASET)
+        dids.add_collection(session, "root", "test", "other", DIDType.DATASET)
+        dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f0"}])
+    cases = [
+        ([{"scope": "test", "name": "f1"}, {"scope": "test", "name": "ghost"}],
+         DataIdentifierNotFound, "test:ghost"),
+        ([{"scope": "test", "name": "f2"}, {"scope": "test", "name": "other"}],
+         UnsupportedOperation, "holds files only"),
+        ([{"scope": "test", "name": "f3"}, {"scope": "test", "name": "f0"}],
+         FileAlreadyExists, "test:f0"),
+    ]
+    for children, error, message in cases:
+        with factory.begin() as session, pytest.raises(error, match=message):
+            dids.attach(session, "root", "test", "ds", children)
+    with factory() as session:
+        assert [c["name"] for c in dids.list_content(session, "test", "ds")] == ["f0"]
+        ds = dids.get_did(session, "test", "ds")
+        assert (ds.bytes, ds.length) == (10, 1)
+    with factory.begin() as session:
+        dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f3"},
+                                                    {"scope": "test", "name": "f1"},
+                                                    {"scope": "test", "name": "f3"}])
+    with factory() as session:
+        content = dids.list_content(session, "test", "ds")
+        assert [(c["name"], c["bytes"], c["type"]) for c in content] == [
+            ("f0", 10, "FILE"), ("f1", 11, "FILE"), ("f3", 13, "FILE")]
+        ds = dids.get_did(session, "test", "ds")
+        assert (ds.bytes, ds.length) == (34, 3)
 
 
 def test_closed_and_monotonic_collections(factory: Factory) -> None:

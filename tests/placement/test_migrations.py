@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from stashflow.placement.db import current_revision, make_engine
 from stashflow.placement.migrations import (
@@ -95,12 +96,12 @@ def test_settings_come_from_toml_env_and_flags(tmp_path: Path) -> None:
                               capture_output=True, text=True, env={**env, **extra})
 
     assert stashflow("db", "upgrade", "--config", str(config)).returncode == 0
-    assert stashflow("db", "current", "--config", str(config)).stdout.strip() == "0001"
+    assert stashflow("db", "current", "--config", str(config)).stdout.strip() == head_revision()
     # The environment overrides the file, a flag overrides both.
     assert stashflow("db", "current", "--config", str(config),
                      STASHFLOW_PLACEMENT_DB=f"sqlite:///{second}").stdout.strip() == "none"
     assert stashflow("db", "current", "--config", str(config), "--db", f"sqlite:///{first}",
-                     STASHFLOW_PLACEMENT_DB=f"sqlite:///{second}").stdout.strip() == "0001"
+                     STASHFLOW_PLACEMENT_DB=f"sqlite:///{second}").stdout.strip() == head_revision()
     config.write_text('[placement]\ndatabase = "x"\n')
     refused = stashflow("db", "current", "--config", str(config))
     assert refused.returncode != 0 and "Unknown placement setting(s): database" in refused.stderr
@@ -122,3 +123,41 @@ def test_settings_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert merged["listen"] == "127.0.0.1:8080"
     with pytest.raises(Exception, match="workers"):
         settings(None, workers=0)
+
+
+def test_upgrade_from_0001_keeps_rows_and_compares_keys_bytewise(empty_db_url: str) -> None:
+    config = alembic_config(empty_db_url)
+    command.upgrade(config, "0001")
+    engine = make_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO accounts (account, account_type, status, created_at, updated_at)"
+                " VALUES ('root', 'SERVICE', 'ACTIVE', :t, :t)"), {"t": datetime(2026, 1, 1)})
+            conn.execute(text(
+                "INSERT INTO scopes (scope, account, status, created_at, updated_at)"
+                " VALUES ('user.root', 'root', 'OPEN', :t, :t)"), {"t": datetime(2026, 1, 1)})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT scope FROM scopes")).scalar_one() == "user.root"
+            foreign = inspect(conn).get_foreign_keys("contents")
+            assert foreign == []
+            if engine.dialect.name == "postgresql":
+                collations = dict(conn.execute(text(
+                    "SELECT column_name, collation_name FROM information_schema.columns"
+                    " WHERE table_name = 'dids'")).all())
+                assert collations["scope"] == collations["name"] == "C"
+                assert collations["md5"] is None
+            # Byte order on both databases: 'B' < 'a' < 'b'.
+            ordered = conn.execute(text(
+                "SELECT v FROM (SELECT 'b' AS v UNION ALL SELECT 'B' UNION ALL SELECT 'a') x"
+                " ORDER BY v COLLATE \"C\"" if engine.dialect.name == "postgresql" else
+                "SELECT v FROM (SELECT 'b' AS v UNION ALL SELECT 'B' UNION ALL SELECT 'a') x"
+                " ORDER BY v")).scalars().all()
+            assert ordered == ["B", "a", "b"]
+        command.downgrade(config, "0001")
+        engine.dispose()  # SQLite connections cache the schema they have seen
+        with engine.connect() as conn:
+            assert len(inspect(conn).get_foreign_keys("contents")) == 2
+    finally:
+        engine.dispose()
