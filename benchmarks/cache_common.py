@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess, ServiceStartError
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -204,52 +204,28 @@ class Cache:
     access_log: Path | None = None
     extra: list[str] = field(default_factory=list)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Cache:
-        self.port = self.port or free_port()
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            sys.executable,
-            "-m",
-            "stashflow.integration.cli",
-            "cache",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--dir",
-            str(self.directory),
-            "--size",
-            self.size,
-            "--workers",
-            str(self.workers),
+            "--dir", str(self.directory), "--size", self.size, "--workers", str(self.workers),
             # like nginx's `access_log off` in the anchor, unless a log is asked for
-            "--access-log",
-            str(self.access_log) if self.access_log else "off",
+            "--access-log", str(self.access_log) if self.access_log else "off",
         ]
         for ns, url in self.origins.items():
             args += ["--origin", f"{ns}={url}"]
-        args += self.extra
-        self.log = self.directory.parent / f"{self.directory.name}.log"
-        env = {**os.environ, "STASHFLOW_LOG_LEVEL": "WARNING"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
+        self.service = ServiceProcess("cache", args + self.extra, self.directory.parent,
+                                      log_level="WARNING", port=self.port)
         try:
-            wait_for_port(self.port, timeout=30)
-        except TimeoutError:
-            self.stop()
-            raise BenchmarkError(f"cache did not start: {self.log.read_text()[-2000:]}") from None
+            self.service.start()
+        except ServiceStartError as e:
+            raise BenchmarkError(str(e)) from None
+        self.port = self.service.port
         # the supervisor listens before its workers are ready: wait for an answer
         deadline = time.monotonic() + 30
         while True:
@@ -260,7 +236,7 @@ class Cache:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise BenchmarkError(
-                        f"cache does not answer: {self.log.read_text()[-2000:]}"
+                        f"cache does not answer: {self.service.tail()}"
                     ) from None
                 time.sleep(0.1)
         return self
@@ -279,9 +255,8 @@ class Cache:
         return out
 
     def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
+        if self.service is not None:
+            self.service.stop()
 
     def __enter__(self) -> Cache:
         return self.start()

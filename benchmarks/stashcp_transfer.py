@@ -62,7 +62,6 @@ from cache_common import (
     BenchmarkError,
     Cache,
     MiB,
-    _stop_process,
     machine,
     need,
     terminate_on_sigterm,
@@ -72,7 +71,7 @@ from cache_serving import wait_xcache_complete, warm_large, warm_small, write_ra
 
 from stashflow.integration.checksums import Hasher
 from stashflow.integration.config import parse_size
-from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess, ServiceStartError
 
 SECTION = "## stashcp transfers (issue 3 benchmark)"
 NS = "/data"
@@ -92,39 +91,26 @@ class Origin:
 
     workdir: Path
     root: Path  # NS is root / NS
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        assert self.service is not None
+        return self.service.url
 
     def __enter__(self) -> Origin:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        logf = self.workdir / "origin.log"
-        with open(logf, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "stashflow.integration.cli", "origin", "serve",
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--export", f"{NS}=file://{self.root / NS.strip('/')}",
-                    "--public", "--access-log", "off",
-                ],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, "STASHFLOW_LOG_LEVEL": "WARNING"},
-            )  # fmt: skip
+        self.service = ServiceProcess(
+            "origin", ["--export", f"{NS}=file://{self.root / NS.strip('/')}", "--public",
+                       "--access-log", "off"], self.workdir, log_level="WARNING")
         try:
-            wait_for_port(self.port, timeout=30)
-        except TimeoutError:
-            self.__exit__()
-            raise BenchmarkError(f"origin did not start: {logf.read_text()[-2000:]}") from None
+            self.service.start()
+        except ServiceStartError as e:
+            raise BenchmarkError(str(e)) from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc)
-            self.proc = None
+        if self.service is not None:
+            self.service.stop()
 
 
 # -- data ------------------------------------------------------------------------------

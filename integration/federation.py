@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess, ServiceStartError
 
 
 @dataclass
@@ -27,56 +25,44 @@ class Federation:
     origin_url: str = ""
     director_url: str = ""
     cache_urls: list[str] = field(default_factory=list)
-    _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _services: list[ServiceProcess] = field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
         return self.workdir / "origin" / self.namespace.strip("/")
 
-    def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")
-        self._procs.append(subprocess.Popen(
-            [sys.executable, "-m", "stashflow.integration.cli", *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        ))
-        log.close()
+    def _start(self, service: str, *args: str) -> str:
+        process = ServiceProcess(service, list(args), self.workdir, log_level=None)
+        self._services.append(process)
+        return process.start().url
 
     def start(self) -> Federation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        oport, dport = free_port(), free_port()
-        self.origin_url = f"http://127.0.0.1:{oport}"
-        self.director_url = f"http://127.0.0.1:{dport}"
-        self._spawn("origin", "origin", "serve", "--listen", f"127.0.0.1:{oport}",
-                    "--export", f"{self.namespace}=file://{self.data_dir}",
-                    "--public-export", self.namespace)
-        self._spawn("director", "director", "serve", "--listen", f"127.0.0.1:{dport}",
-                    "--namespace", f"{self.namespace}={self.origin_url}{self.namespace}",
-                    "--heartbeat-interval", "2s")
-        wait_for_port(oport)
-        wait_for_port(dport)
-        for i in range(self.caches):
-            port = free_port()
-            self._spawn(f"cache{i}", "cache", "serve", "--listen", f"127.0.0.1:{port}",
-                        "--dir", str(self.workdir / f"cache{i}"), "--size", "1GiB",
-                        "--workers", "2", "--director", self.director_url,
-                        "--site", "LOCAL", "--access-log",
-                        str(self.workdir / f"cache{i}-access.log"))
-            wait_for_port(port)
-            self.cache_urls.append(f"http://127.0.0.1:{port}")
+        try:
+            self.origin_url = self._start(
+                "origin", "--export", f"{self.namespace}=file://{self.data_dir}",
+                "--public-export", self.namespace)
+            self.director_url = self._start(
+                "director", "--namespace",
+                f"{self.namespace}={self.origin_url}{self.namespace}",
+                "--heartbeat-interval", "2s")
+            for i in range(self.caches):
+                self.cache_urls.append(self._start(
+                    "cache", "--dir", str(self.workdir / f"cache{i}"), "--size", "1GiB",
+                    "--workers", "2", "--director", self.director_url, "--site", "LOCAL",
+                    "--access-log", str(self.workdir / f"cache{i}-access.log")))
+        except ServiceStartError:
+            self.stop()
+            raise
         time.sleep(0.5)  # first heartbeats
         return self
 
     def stop(self) -> None:
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # caches first, so that they do not log a dead director on their way out
+        for process in reversed(self._services):
+            process.stop()
+        self._services.clear()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Federation]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,58 +57,35 @@ class CacheProcess:
     extra: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.service.proc if self.service else None
+
+    @property
+    def log(self) -> Path:
+        assert self.service is not None
+        return self.service.log
+
     def start(self) -> CacheProcess:
         self.port = self.port or free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "stashflow.integration.cli",
-            "cache",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--dir",
-            str(self.directory),
-            "--size",
-            self.size,
-            "--workers",
-            str(self.workers),
-            "--access-log",
-            str(self.directory.parent / f"access-{self.port}.log"),
-        ]
+        args = ["--dir", str(self.directory), "--size", self.size,
+                "--workers", str(self.workers),
+                "--access-log", str(self.directory.parent / f"access-{self.port}.log")]
         for ns, url in self.origins.items():
             args += ["--origin", f"{ns}={url}"]
-        args += self.extra
-        self.log = self.directory.parent / f"cache-{self.port}.log"
-        env = {**os.environ, "STASHFLOW_LOG_LEVEL": "INFO", **self.env}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        try:
-            wait_for_port(self.port, timeout=30)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"cache did not start: {self.log.read_text()[-2000:]}") from None
+        self.service = ServiceProcess("cache", args + self.extra, self.directory.parent,
+                                      env=self.env, port=self.port).start()
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.service is not None:
+            self.service.stop(sig)
 
     def kill9(self) -> None:
         """kill -9 the supervisor and every worker, as a crash would."""
@@ -119,7 +97,8 @@ class CacheProcess:
             except ProcessLookupError:
                 pass
         self.proc.wait()
-        self.proc = None
+        assert self.service is not None
+        self.service.proc = None
         for pid in pids:  # wait for forked workers to be gone before restarting
             deadline = time.monotonic() + 10
             while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

@@ -7,20 +7,13 @@ import datetime
 import http.client
 import ipaddress
 import json
-import os
-import signal
 import ssl
-import subprocess
-import sys
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stashflow.integration.servers import free_port, wait_for_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from stashflow.integration.servers.service import ServiceProcess
 
 
 @dataclass
@@ -173,58 +166,29 @@ class DirectorProcess:
     tls: TLS | None = None
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
+    @property
+    def log(self) -> Path:
+        assert self.service is not None
+        return self.service.log
+
     def start(self) -> DirectorProcess:
-        self.port = self.port or free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "stashflow.integration.cli",
-            "director",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            *self.args,
-        ]
+        args = list(self.args)
         if self.tls:
-            cmd += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log = self.workdir / f"director-{self.port}.log"
-        env = {**os.environ, "STASHFLOW_LOG_LEVEL": "INFO", **self.env}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"director exited: {self.log.read_text()[-2000:]}")
-            try:
-                wait_for_port(self.port, timeout=0.5)
-                return self
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"director did not start: {self.log.read_text()[-2000:]}"
-                    ) from None
+            args += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+        self.service = ServiceProcess("director", args, self.workdir, env=self.env,
+                                      port=self.port).start()
+        self.port = self.service.port
+        return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.service is not None:
+            self.service.stop(timeout=10)
 
     def __enter__(self) -> DirectorProcess:
         return self.start()

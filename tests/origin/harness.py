@@ -3,18 +3,15 @@ tokens with."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stashflow.integration import tokens
-from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess
 from tests.cache.harness import Response, request
 
-ROOT = Path(__file__).resolve().parents[2]
 ISSUER = "https://issuer.stashflow.test"
 AUDIENCE = "https://origin.stashflow.test"
 
@@ -49,7 +46,7 @@ class OriginProcess:
     log_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    service: ServiceProcess | None = None
 
     @property
     def url(self) -> str:
@@ -60,40 +57,14 @@ class OriginProcess:
         return self.log_dir / f"origin-{self.port}.log"
 
     def start(self) -> OriginProcess:
-        self.port = self.port or free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "stashflow.integration.cli",
-            "origin",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            *self.args,
-        ]
-        env = {**os.environ, "STASHFLOW_LOG_LEVEL": "INFO", **self.env}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        try:
-            wait_for_port(self.port, timeout=30)
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"origin did not start: {self.log.read_text()[-2000:]}") from None
+        self.service = ServiceProcess("origin", self.args, self.log_dir, env=self.env,
+                                      port=self.port).start()
+        self.port = self.service.port
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.service is not None:
+            self.service.stop()
 
     def __enter__(self) -> OriginProcess:
         return self.start()
