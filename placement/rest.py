@@ -82,6 +82,9 @@ async def stream_lines(request: web.Request, items: Iterable[Any]) -> web.Stream
             batch.append(b"")
             await response.write(b"\n".join(batch))
             batch = []
+            # a write returns at once while the socket buffer has room: let the other
+            # requests of this worker run between batches of a long listing
+            await asyncio.sleep(0)
     if batch:
         batch.append(b"")
         await response.write(b"\n".join(batch))
