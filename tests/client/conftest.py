@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers import free_port
+from stashflow.integration.servers.service import ServiceProcess
 from tests.cache.harness import ROOT, CacheProcess
 from tests.conftest import require_real
 
@@ -155,25 +156,8 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
     key = Path(json.loads(_cli("token", "keygen", "--out", str(keys)))["private_key"])
     if not key.is_absolute():
         key = ROOT / key
-    port = free_port()
-    log = open(base / "origin.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "stashflow.integration.cli", "origin", "serve",
-            "--listen", f"127.0.0.1:{port}", "--export", f"/ns=file://{data}",
-            "--public-export", "/ns", "--issuer", ISSUER, "--jwks", str(keys / "jwks.json"),
-            "--access-log", "off",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        wait_for_port(port, timeout=30)
-        yield Origin(f"http://127.0.0.1:{port}", data, key)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with ServiceProcess("origin", [
+        "--export", f"/ns=file://{data}", "--public-export", "/ns", "--issuer", ISSUER,
+        "--jwks", str(keys / "jwks.json"), "--access-log", "off",
+    ], base) as service:
+        yield Origin(service.url, data, key)

@@ -19,7 +19,7 @@ import pytest
 
 from stashflow.cache.client.discovery import location_from_headers
 from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK
-from stashflow.integration.servers import free_port, wait_for_port
+from stashflow.integration.servers.service import ServiceProcess
 from tests.cache.harness import ROOT, CacheProcess
 from tests.client.conftest import MiB, Origin, access_log, stashcp
 from tests.conftest import require_real
@@ -55,30 +55,17 @@ def federation(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iter
     caches = [
         CacheProcess(base / f"cache{i}", {"/ns": origin.url + "/ns"}).start() for i in range(2)
     ]
-    port = free_port()
-    log = open(base / "director.log", "wb")
-    args = [
-        sys.executable, "-m", "stashflow.integration.cli", "director", "serve",
-        "--listen", f"127.0.0.1:{port}", "--namespace", f"/ns={origin.url}/ns",
-    ]  # fmt: skip
+    args = ["--namespace", f"/ns={origin.url}/ns"]
     for c in caches:
         args += ["--cache", c.url]
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        wait_for_port(port, timeout=30)
-        fed = Federation(f"http://127.0.0.1:{port}", origin, caches)
-        deadline = time.monotonic() + 20
-        while len(fed.candidates("/ns/tree/a.txt")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)  # until the director has seen both caches alive
-        yield fed
+        with ServiceProcess("director", args, base) as director:
+            fed = Federation(director.url, origin, caches)
+            deadline = time.monotonic() + 20
+            while len(fed.candidates("/ns/tree/a.txt")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)  # until the director has seen both caches alive
+            yield fed
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         for c in caches:
             c.stop()
 
