@@ -92,10 +92,11 @@ class _TextArray(list[str]):
 
 
 def _text_array_literal(names: list[str]) -> bytes:
-    joined = '","'.join(names)
-    if '"' in joined or "\\" in joined:
-        joined = '","'.join(n.replace("\\", "\\\\").replace('"', '\\"') for n in names)
-    return ('{"' + joined + '"}' if names else "{}").encode()
+    # Quoted elements: only a double quote and a backslash need escaping inside them.
+    everything = "".join(names)
+    if '"' in everything or "\\" in everything:
+        names = [n.replace("\\", "\\\\").replace('"', '\\"') for n in names]
+    return ('{"' + '","'.join(names) + '"}' if names else "{}").encode()
 
 
 def _register_text_array_dumper() -> None:

@@ -231,15 +231,17 @@ def attach(session: Session, caller: str, scope: str, name: str,
         raise UnsupportedOperation(f"Data identifier '{scope}:{name}' is closed")
     if not isinstance(children, list) or not all(isinstance(c, dict) for c in children):
         raise InvalidObject("'dids' must be a list of {scope, name} objects")
-    for child in children:
-        if not isinstance(child.get("scope"), str) or not isinstance(child.get("name"), str):
-            raise InvalidObject("Every attached DID needs a 'scope' and a 'name'")
+    try:
+        keys = list(dict.fromkeys((c["scope"], c["name"]) for c in children))
+    except (KeyError, TypeError):  # a missing key; an unhashable value
+        keys = [(None, None)]
+    if not all(type(s) is str and type(n) is str for s, n in keys):
+        raise InvalidObject("Every attached DID needs a 'scope' and a 'name'")
     if rse is not None:
         if parent.did_type != DIDType.DATASET:
             raise UnsupportedOperation("Only files, attached to datasets, can be registered "
                                        "on an RSE while attaching")
         add_replicas(session, caller, rse, children, ignore_availability=True)
-    keys = list(dict.fromkeys((c["scope"], c["name"]) for c in children))
     if parent.did_type == DIDType.DATASET and not ignore_duplicate:
         from stashflow.placement.rules import covering_rules
 

@@ -23,7 +23,6 @@ from stashflow.placement.clock import rfc1123, utcnow
 from stashflow.placement.db import bulk_insert, keys_in
 from stashflow.placement.dids import (
     CHUNK,
-    ancestors_of,
     datasets_of,
     get_did,
     iter_files,
@@ -806,17 +805,21 @@ def _drop_unneeded_requests(session: Session, rse_id: str,
 
 
 def covering_rules(session: Session, parent: DID) -> list[Rule]:
-    """The rules on `parent` and its ancestors, row-locked, oldest first."""
-    keys = [(parent.scope, parent.name), *ancestors_of(session, parent.scope, parent.name)]
-    found: list[Rule] = []
-    for i in range(0, len(keys), CHUNK):
-        # FOR UPDATE: concurrent attachments to one collection extend its rules one after
-        # the other, so lock counters are never updated from a stale read.
-        found.extend(session.scalars(select(Rule).where(
-            keys_in(Rule.scope, Rule.name, keys[i:i + CHUNK]),
-            Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
-            .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True)))
-    return found
+    """The rules on `parent` and its ancestors, row-locked, oldest first. One query: the
+    ancestors are walked up the attachment graph by a recursive CTE (UNION, so a DID
+    reached twice in the DAG is visited once)."""
+    # Seeded from the DID's own row, whose columns carry their collation (PostgreSQL
+    # refuses a recursive CTE whose terms differ in it).
+    up = select(DID.scope, DID.name).where(
+        DID.scope == parent.scope, DID.name == parent.name).cte("up", recursive=True)
+    up = up.union(select(Attachment.scope, Attachment.name).where(
+        Attachment.child_scope == up.c.scope, Attachment.child_name == up.c.name))
+    # FOR NO KEY UPDATE: concurrent attachments to one collection extend its rules one
+    # after the other, so lock counters are never updated from a stale read.
+    return list(session.scalars(
+        select(Rule).join(up, and_(Rule.scope == up.c.scope, Rule.name == up.c.name))
+        .where(Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
+        .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True, of=Rule)))
 
 
 def _locked_names(session: Session, rule: Rule, files: list[DID]) -> set[tuple[str, str]]:
