@@ -323,13 +323,22 @@ published run, 2 vCPUs shared with wrk/curl and the other servers):
   (the access counts are written back to it), so the ratio is lower: the 0.6x target
   is not met here. Each worker has its own SO_REUSEPORT socket; the kernel hashes
   connections over them (the split is noted above).
-- Miss path: the worker's event loop is no longer the bottleneck; writing the fetched
-  bytes into new page-cache pages of the data file is (kernel time of `pwritev`, about
-  0.5 GB/s for fresh pages on this VM, against several GB/s for pages already touched),
-  plus receiving from the origin and `sendfile` to the client, on the same two vCPUs as
-  nginx and curl. The direct path copies the bytes once (nginx `sendfile`, curl reads);
-  the cache path copies them twice more (receive, write to the cache), so the 1.15x
-  target is not met on this machine.
+- Miss path: two costs, measured in session 2. First, this VM backs guest memory
+  lazily: writing 1 GiB into memory the guest never used runs at 0.44 GB/s (`dd` into a
+  new file), against 4.5 GB/s into reused memory, and the cache writes every byte of a
+  miss into new page-cache pages. Second, the worker's event loop: after 8 GiB of memory
+  had been touched once, a miss still took 3.2x the direct time, and py-spy showed the
+  loop busy all the time (receiving from the origin through aiohttp, 64-256 KiB at a
+  time, and writing to the client) while the write-behind thread (`pwritev` and crc32c)
+  was busy about a third of it. The direct path copies the bytes once (nginx
+  `sendfile`, curl reads); the cache path copies them twice more, through Python. A
+  larger aiohttp read buffer (4 MiB) was tried and was slower. Moving the origin reads
+  off the event loop (a thread with `recv_into` into reused block buffers) is the next
+  step; the 1.15x target is not met.
+- The same cache code measured differently on different hosts of the same VM type:
+  session 1 published 34,286 small hits/s against nginx's 70,167 (0.49x), and a 3.46x
+  miss; session 2, with unchanged cache code, measured 28,390 against 115,766 (0.25x) and
+  5.06x.
 - Large hits are `sendfile` from the page cache, like nginx, in runs of up to 16 blocks
   (one LMDB read and an in-memory checksum-state check between runs). The spread between
   rounds is wide on these shared vCPUs (this cache 1.9-3.4 GB/s, nginx 2.3-3.5 GB/s over

@@ -36,13 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cache_common import update_markdown
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUCIO_VERSION = "41.5.1"
 USERNAME, PASSWORD = "ddmlab", "secret"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-MARK_START = "<!-- placement_api:start -->"
-MARK_END = "<!-- placement_api:end -->"
+SECTION = "## Placement API: stashflow vs Rucio " + RUCIO_VERSION
 OPERATIONS = ("add_replicas", "attach_dids", "list_replicas", "add_replication_rule")
 DOMAINS = {"wan": {"read": 1, "write": 1, "delete": 1, "third_party_copy_read": 1,
                    "third_party_copy_write": 1},
@@ -246,8 +249,6 @@ class Result:
 
 def report(result: Result, count: int, batch: int, workers: int) -> str:
     lines = [
-        "## Placement API: stashflow vs Rucio " + RUCIO_VERSION,
-        "",
         f"{count:,} files ({batch:,} per call where the call takes a list), "
         f"{workers} server workers each, one PostgreSQL, the same rucio.client.Client, "
         f"client and servers on one machine: {_cpu_model()}, {os.cpu_count()} CPUs, "
@@ -287,18 +288,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write_section(path: Path, text: str) -> None:
-    block = f"{MARK_START}\n{text}\n{MARK_END}"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in current and MARK_END in current:
-        head, rest = current.split(MARK_START, 1)
-        tail = rest.split(MARK_END, 1)[1]
-        updated = head + block + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(updated)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10_000)
@@ -322,8 +311,8 @@ def main() -> int:
         print(f"benchmark failed; logs are in {work}", file=sys.stderr)
         raise
     text = report(Result(mine, theirs), args.files, args.batch, args.workers)
-    print(text)
-    write_section(args.output, text)
+    print(f"{SECTION}\n\n{text}")
+    update_markdown(args.output, SECTION, text)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -424,7 +424,16 @@ the cache's two workers and with other jobs):
   (crc32c and adler32 combine), instead of reading the whole file again after the
   transfer (2 GiB read and hashed: about 0.3 s of the main thread in the profile); the
   TLS context aiohttp made at import is reused instead of loading the CA store again
-  (about 35 ms per run)."""
+  (about 35 ms per run).
+- Session 2, on another host of the same type, with unchanged client code: the ratios
+  are worse (2.12x on the small files, 2.62x on the large one; session 1: 1.40x and
+  1.15x), and curl got faster there (0.45 s and 1.58 s; session 1: 1.29 s and 2.33 s).
+  Per small file, py-spy puts a fifth of stashcp's time in creating the part file on
+  the event loop while the cache workers hold both cores. For the large file, the one
+  event loop does all the receiving (aiohttp, 64 KiB pieces) and the writing. The next
+  step is a leaner download path: ranges received in threads with `recv_into` into a
+  reused buffer and written with `pwrite` (both release the GIL, so both cores share
+  the work), and no aiohttp import for plain cache downloads."""
 
 
 def report(
