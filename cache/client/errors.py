@@ -17,9 +17,6 @@ Exit codes of `stashcp` (documented in docs/stashcp.md):
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 10
@@ -99,44 +96,3 @@ class LocalError(Permanent):
     """The local side failed (destination not writable, source unreadable, disk full)."""
 
     kind = "local"
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
-def status_error(obj: str, server: str, status: int, cause: str, headers: Any) -> StashError:
-    """The error for an HTTP error status from `server` (cause: a short reason)."""
-    where = f"{cause} (from {server})"
-    if status == 404:
-        return NotFound(obj, f"not found: {where}", server=server, status=status)
-    if status in (401, 403):
-        return AuthError(obj, f"not authorized: {where}", server=server, status=status)
-    if status in (408, 429) or status >= 500:
-        return Retryable(
-            obj,
-            where,
-            server=server,
-            status=status,
-            retry_after=_retry_after(headers.get("Retry-After")),
-        )
-    return Permanent(obj, where, server=server, status=status)
-
-
-def error_cause(status: int, reason: str | None, body: bytes) -> str:
-    """A short cause from an error response's status line and the start of its body
-    (our servers send JSON `{"error": ...}`)."""
-    text = ""
-    try:
-        doc = json.loads(body)
-        if isinstance(doc, dict):
-            text = str(doc.get("error") or doc.get("message") or "")
-    except ValueError:
-        text = body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
-    line = f"HTTP {status}" + (f" {reason}" if reason else "")
-    return f"{line}: {text[:300]}" if text else line

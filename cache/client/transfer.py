@@ -26,7 +26,6 @@ import stat
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,8 @@ from stashflow.cache.client.errors import (
     Stalled,
     StashError,
     UsageError,
-    error_cause,
-    status_error,
 )
 from stashflow.cache.client.progress import Progress
-from stashflow.cache.client.range_reader import RangeReader, Redirected
 from stashflow.cache.client.tokens import Token, find_token
 from stashflow.integration import config as configlib
 from stashflow.integration.checksums import (
@@ -81,10 +77,6 @@ _READ = 1 * MiB
 
 # -- options ----------------------------------------------------------------------------
 
-
-HEADERS = {"User-Agent": "stashcp (stashflow)", "Accept-Encoding": "identity"}
-# Ranges at least this long, from plain-HTTP sources, are received in threads.
-THREADED_RANGE_MIN = 4 * MiB
 
 @dataclass
 class Options:
@@ -414,12 +406,49 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int
         return None, None, total
 
 
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
 async def _error_cause(resp: aiohttp.ClientResponse) -> str:
+    """A short cause from an error response (our servers send JSON `{"error": ...}`)."""
     try:
         body = await asyncio.wait_for(resp.content.read(8192), 5)
     except (TimeoutError, aiohttp.ClientError):
         body = b""
-    return error_cause(resp.status, resp.reason, body)
+    text = ""
+    try:
+        doc = json.loads(body)
+        if isinstance(doc, dict):
+            text = str(doc.get("error") or doc.get("message") or "")
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
+    reason = f"HTTP {resp.status}"
+    if resp.reason:
+        reason += f" {resp.reason}"
+    return f"{reason}: {text[:300]}" if text else reason
+
+
+def _status_error(obj: str, server: str, status: int, cause: str, headers: Any) -> StashError:
+    where = f"{cause} (from {server})"
+    if status == 404:
+        return NotFound(obj, f"not found: {where}", server=server, status=status)
+    if status in (401, 403):
+        return AuthError(obj, f"not authorized: {where}", server=server, status=status)
+    if status in (408, 429) or status >= 500:
+        return Retryable(
+            obj,
+            where,
+            server=server,
+            status=status,
+            retry_after=_retry_after(headers.get("Retry-After")),
+        )
+    return Permanent(obj, where, server=server, status=status)
 
 
 def _conn_error(obj: str, server: str, e: BaseException) -> Retryable:
@@ -702,7 +731,6 @@ class Client:
         self._directors: dict[str, str] = {}
         self._collections: dict[str, str] = {}
         self._limiter = _RateLimiter(self.opts.rate_limit)
-        self._threads: ThreadPoolExecutor | None = None
 
     # session ------------------------------------------------------------------------
 
@@ -715,7 +743,7 @@ class Client:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.opts.connect_timeout),
                 auto_decompress=False,
-                headers=HEADERS,
+                headers={"User-Agent": "stashcp (stashflow)", "Accept-Encoding": "identity"},
             )
         return self._session
 
@@ -723,9 +751,6 @@ class Client:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)
-            self._threads = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -794,7 +819,7 @@ class Client:
                         log.debug("%s: director says %s", obj, loc.urls)
                         return loc
                     cause = await _error_cause(resp)
-                    raise status_error(
+                    raise _status_error(
                         obj, director, resp.status, f"director: {cause}", resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -977,66 +1002,11 @@ class Client:
             while pos is not None:
                 src = await picker.current()
                 try:
-                    if self._threadable(src, b - pos + 1):
-                        await self._fetch_in_thread(part, src, pos, b, ns, result)
-                    else:
-                        await self._fetch(part, src, pos, b, ns, first=False, result=result)
+                    await self._fetch(part, src, pos, b, ns, first=False, result=result)
                 except StashError as e:
                     picker.failed(src, e)
                 pos = part.done.first_missing(a, b)
             part.save()
-
-    def _threadable(self, src: Source, length: int) -> bool:
-        # TLS and rate limits stay with aiohttp, and small ranges are not worth a thread
-        return (src.url.startswith("http://") and length >= THREADED_RANGE_MIN
-                and not self.opts.rate_limit)
-
-    async def _fetch_in_thread(
-        self,
-        part: _Part,
-        src: Source,
-        start: int,
-        end: int,
-        ns: NamespaceInfo | None,
-        result: Result,
-    ) -> None:
-        """GET bytes [start, end] (the size is known) from `src` in a thread: see
-        range_reader.py. Raises a StashError for this source's failure; what arrived
-        before it is kept."""
-        loop = asyncio.get_running_loop()
-        opts = self.opts
-        piece = Hasher(part.piece_algo) if part.piece_algo else None
-        reader = RangeReader(
-            part.source, src.server, src.url, start, end, part.fd,
-            {**HEADERS, **self._auth(ns)}, piece,
-            connect_timeout=opts.connect_timeout, header_timeout=opts.header_timeout,
-            stall_window=opts.stall_window, min_rate=opts.min_rate,
-            on_bytes=lambda n: loop.call_soon_threadsafe(self.progress.add, n),
-        )
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(
-                max_workers=max(2, opts.parallel_chunks), thread_name_prefix="stashcp-range")
-        job = loop.run_in_executor(self._threads, reader.run)
-        try:
-            try:
-                await asyncio.shield(job)
-            except asyncio.CancelledError:
-                # the thread writes into the part file: it must be over before we go on
-                reader.stop()
-                with contextlib.suppress(Exception):
-                    await job
-                raise
-            self.health.mark(src.server, True)
-        except Redirected:
-            await self._fetch(part, src, start, end, ns, first=False, result=result)
-        finally:
-            got = reader.pos - start
-            if got:
-                part.done.add(start, reader.pos)
-                if piece is not None:
-                    part.add_piece(start, reader.pos, piece)
-                part.servers[src.server] = part.servers.get(src.server, 0) + got
-                result.transferred += got
 
     async def _fetch(
         self,
@@ -1084,7 +1054,7 @@ class Client:
                         return
                     if status not in (200, 206):
                         cause = await _error_cause(resp)
-                        raise status_error(obj, server, status, cause, resp.headers)
+                        raise _status_error(obj, server, status, cause, resp.headers)
                     if status == 206:
                         a, b, total = _parse_content_range(resp.headers.get("Content-Range"))
                         if a is None or b is None or total is None or a != start:
@@ -1264,7 +1234,7 @@ class Client:
                 async with asyncio.timeout(self.opts.header_timeout):
                     async with session.head(src.url, headers=self._auth(ns)) as resp:
                         if resp.status >= 300:
-                            raise status_error(
+                            raise _status_error(
                                 obj, src.server, resp.status, f"HTTP {resp.status}", resp.headers
                             )
                         clen = resp.headers.get("Content-Length")
@@ -1300,7 +1270,7 @@ class Client:
                             return bytes(buf)
                         if resp.status not in (200, 206):
                             cause = await _error_cause(resp)
-                            raise status_error(obj, src.server, resp.status, cause, resp.headers)
+                            raise _status_error(obj, src.server, resp.status, cause, resp.headers)
                         skip = first if resp.status == 200 else 0
                         loop = asyncio.get_running_loop()
                         async for data in resp.content.iter_any():
@@ -1363,7 +1333,7 @@ class Client:
                     cause = await _error_cause(resp)
                     if resp.status < 400:
                         raise Permanent(obj, f"director {director} offers no listing ({cause})")
-                    raise status_error(
+                    raise _status_error(
                         obj, director, resp.status, f"director: {cause}", resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -1387,7 +1357,7 @@ class Client:
                     async with session.request("PROPFIND", url, headers=headers, data=body) as resp:
                         if resp.status != 207:
                             cause = await _error_cause(resp)
-                            err = status_error(
+                            err = _status_error(
                                 obj, server_of(url), resp.status, cause, resp.headers
                             )
                             if resp.status in (400, 405, 501):
@@ -1549,7 +1519,7 @@ class Client:
                             continue
                         if resp.status >= 300:
                             cause = await _error_cause(resp)
-                            raise status_error(obj, server, resp.status, cause, resp.headers)
+                            raise _status_error(obj, server, resp.status, cause, resp.headers)
                     result.size = size
                     result.transferred += sent
                     result.servers = [server]
@@ -1591,7 +1561,7 @@ class Client:
             async with session.request("MKCOL", url, headers=self._auth(None, write=True)) as resp:
                 if resp.status in (401, 403):
                     cause = await _error_cause(resp)
-                    raise status_error(
+                    raise _status_error(
                         remote.url(), server_of(url), resp.status, cause, resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
