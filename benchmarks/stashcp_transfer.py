@@ -430,10 +430,15 @@ the cache's two workers and with other jobs):
   1.15x), and curl got faster there (0.45 s and 1.58 s; session 1: 1.29 s and 2.33 s).
   Per small file, py-spy puts a fifth of stashcp's time in creating the part file on
   the event loop while the cache workers hold both cores. For the large file, the one
-  event loop does all the receiving (aiohttp, 64 KiB pieces) and the writing. The next
-  step is a leaner download path: ranges received in threads with `recv_into` into a
-  reused buffer and written with `pwrite` (both release the GIL, so both cores share
-  the work), and no aiohttp import for plain cache downloads."""
+  event loop does all the receiving (aiohttp, 64 KiB pieces) and the writing.
+- Tried in session 2 and not kept: the parallel ranges of a large file received in
+  threads (blocking sockets, `readinto` a reused 1 MiB buffer, `pwrite`; all release
+  the GIL). A standalone two-thread reader beat curl on 1 GiB in some runs (0.64-0.72 s
+  against 0.71-1.03 s), but inside stashcp with its 4 ranges it was slower than the
+  event loop, alternating the two on one warm cache: 4.2-5.7 s against 3.0-3.4 s for
+  2 GiB. Four client threads and two cache workers on two cores spend their time in
+  the kernel (vmstat: 85% system time in the slow runs), and single-stream times of
+  every Python reader varied 2-4x from run to run where curl's did not."""
 
 
 def report(
