@@ -163,33 +163,11 @@ def http_origin(tmp_path: Path, origin: Path) -> Iterator[str]:
     """`stashflow origin serve` exporting the posix directory over HTTP/WebDAV."""
     if importlib.util.find_spec("stashflow.cache.origin.cli") is None:
         require_real("stashflow origin", "the origin server is not installed")
-    from stashflow.integration.servers import free_port, wait_for_port
+    from stashflow.integration.servers.service import ServiceProcess
 
-    port = free_port()
-    log = tmp_path / "origin.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stashflow.integration.cli",
-                "origin",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--export",
-                f"/data=file://{origin}",
-                "--public",
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, timeout=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with ServiceProcess("origin", ["--export", f"/data=file://{origin}", "--public"],
+                        tmp_path) as service:
+        yield service.url
 
 
 def test_pelicanfs_lists_through_collections_url(

@@ -19,8 +19,8 @@ import pytest
 
 from stashflow.cache.client.errors import EXIT_AUTH, EXIT_OK
 from stashflow.integration import tokens
-from stashflow.integration.servers import free_port, wait_for_port
 from stashflow.integration.servers.seaweedfs import SeaweedFS
+from stashflow.integration.servers.service import ServiceProcess
 from stashflow.integration.servers.xrootd import XRootDServer
 from tests.cache.harness import ROOT, CacheProcess, request
 from tests.client.conftest import stashcp
@@ -44,25 +44,6 @@ class Fed:
         if token:
             env["BEARER_TOKEN"] = token
         return env
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stashflow.integration.cli", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -102,68 +83,29 @@ def fed(
         region_name="us-east-1",
     ).put_object(Bucket="fedbucket", Key="p/s.bin", Body=b"from s3 " * 40000)
 
-    procs: list[subprocess.Popen[bytes]] = []
+    services: list[ServiceProcess] = []
     caches: dict[str, CacheProcess] = {}
     try:
-        oport = free_port()
-        procs.append(
-            _spawn(
-                [
-                    "origin",
-                    "serve",
-                    "--listen",
-                    f"127.0.0.1:{oport}",
-                    "--export",
-                    f"/pub=file://{data / 'pub'}",
-                    "--export",
-                    f"/prot=file://{data / 'prot'}",
-                    "--public-export",
-                    "/pub",
-                    "--issuer",
-                    ISSUER,
-                    "--jwks",
-                    str(jwks),
-                    "--access-log",
-                    "off",
-                ],
-                base / "origin.log",
-            )
-        )
-        wait_for_port(oport)
-        origin = f"http://127.0.0.1:{oport}"
+        origin_service = ServiceProcess("origin", [
+            "--export", f"/pub=file://{data / 'pub'}", "--export", f"/prot=file://{data / 'prot'}",
+            "--public-export", "/pub", "--issuer", ISSUER, "--jwks", str(jwks),
+            "--access-log", "off",
+        ], base)
+        services.append(origin_service)
+        origin = origin_service.start().url
         sites = base / "sites.toml"
         sites.write_text(
             '[sites.NEAR]\nnetworks = ["127.0.0.1/32"]\ncoordinates = [43.07, -89.40]\n'
             '[sites.FAR]\nnetworks = ["127.0.0.2/32"]\ncoordinates = [-33.9, 151.2]\n'
         )
-        dport = free_port()
-        procs.append(
-            _spawn(
-                [
-                    "director",
-                    "serve",
-                    "--listen",
-                    f"127.0.0.1:{dport}",
-                    "--namespace",
-                    f"/pub={origin}/pub",
-                    "--namespace",
-                    f"/prot={origin}/prot",
-                    "--namespace",
-                    f"/xrd={xrootd_server.root_url}/fed",
-                    "--namespace",
-                    "/s3=s3://fedbucket/p",
-                    "--protected",
-                    f"/prot={ISSUER}",
-                    "--site-map",
-                    str(sites),
-                    "--heartbeat-interval",
-                    "1s",
-                ],
-                base / "director.log",
-            )
-        )
-        wait_for_port(dport)
-        director = f"http://127.0.0.1:{dport}"
+        director_service = ServiceProcess("director", [
+            "--namespace", f"/pub={origin}/pub", "--namespace", f"/prot={origin}/prot",
+            "--namespace", f"/xrd={xrootd_server.root_url}/fed",
+            "--namespace", "/s3=s3://fedbucket/p", "--protected", f"/prot={ISSUER}",
+            "--site-map", str(sites), "--heartbeat-interval", "1s",
+        ], base)
+        services.append(director_service)
+        director = director_service.start().url
         s3_env = {
             "STASHFLOW_S3_ENDPOINT": seaweedfs_server.endpoint_url,
             "AWS_ACCESS_KEY_ID": seaweedfs_server.access_key,
@@ -199,8 +141,8 @@ def fed(
     finally:
         for c in caches.values():
             c.stop()
-        for p in procs:
-            _stop(p)
+        for service in services:
+            service.stop()
 
 
 def test_caches_learn_namespaces_from_the_director(fed: Fed) -> None:
