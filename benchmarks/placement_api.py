@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cache_common import update_markdown
 
+from stashflow.integration.servers.service import ServiceProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUCIO_VERSION = "41.5.1"
@@ -116,11 +118,10 @@ def ours(workers: int, work: Path) -> Iterator[str]:
         subprocess.run([stashflow, "placement", "bootstrap", "--db", url, "--root-password",
                         PASSWORD, "--root-username", USERNAME], check=True,
                        capture_output=True)
-        port = free_port()
-        with running([stashflow, "placement", "serve", "--db", url, "--listen",
-                      f"127.0.0.1:{port}", "--workers", str(workers), "--log-level",
-                      "WARNING"], port, work / "stashflow.log"):
-            yield f"http://127.0.0.1:{port}"
+        with ServiceProcess("placement", ["--db", url, "--workers", str(workers),
+                                          "--log-level", "WARNING"], work,
+                            log_level=None) as service:
+            yield service.url
 
 
 def rucio_venv(path: Path) -> Path:

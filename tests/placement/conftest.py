@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from stashflow.integration.servers.service import ServiceProcess, ServiceStartError
 from stashflow.placement.accounts import bootstrap_root
 from stashflow.placement.db import make_engine, make_sessionmaker
 from stashflow.placement.migrations import upgrade
@@ -168,26 +168,14 @@ class Server:
 
 
 def start_server(db_url: str, home: Path, *extra: str) -> Server:
-    port = free_port()
-    # The file is inherited by the server process, which outlives this function.
-    log = open(home / "server.log", "wb")
-    process = subprocess.Popen(
-        [str(BIN / "stashflow"), "placement", "serve", "--db", db_url,
-         "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING", *extra],
-        stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError("placement server exited:\n" +
-                                 (home / "server.log").read_text())
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return Server(f"http://127.0.0.1:{port}", db_url, home, process)
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("placement server did not start listening within 30 s")
+    service = ServiceProcess("placement", ["--db", db_url, "--log-level", "WARNING", *extra],
+                             home, log_level=None)
+    try:
+        service.start()
+    except ServiceStartError as e:
+        raise AssertionError(f"placement server did not start: {e}") from None
+    assert service.proc is not None
+    return Server(service.url, db_url, home, service.proc)
 
 
 def bootstrapped_home(db_url: str, tmp_path: Path) -> Path:
