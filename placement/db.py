@@ -4,6 +4,7 @@ and the schema-revision check that keeps a server off an unmigrated database."""
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ def _text_array_literal(names: list[str]) -> bytes:
     return ('{"' + '","'.join(names) + '"}' if names else "{}").encode()
 
 
+@functools.cache  # once per process: the registration is global to psycopg
 def _register_text_array_dumper() -> None:
     """Teach psycopg to send a `_TextArray` as a text[] literal written in one join:
     its generic list adapter looks at every element on its own, which cost more than
