@@ -124,34 +124,34 @@ def _existing(session: Session, rse_id: str, keys: list[tuple[str, str]]) -> set
     return found
 
 
-def update_states(session: Session, caller: str, rse: str, files: list[dict[str, Any]]) -> None:
+def _named_replicas(session: Session, rse: str, files: Any, writer: str | None = None
+                    ) -> Iterator[tuple[dict[str, Any], Replica]]:
+    """Each entry of `files` ({scope, name, ...}) with its replica on `rse`; a missing
+    replica is an error, and so is a scope `writer` (if given) may not write."""
     row = get_rse(session, rse)
     if not isinstance(files, list):
         raise InvalidObject("'files' must be a list")
     for item in files:
         if not isinstance(item, dict):
             raise InvalidObject("Every entry of 'files' must be an object")
-        check_write(session, caller, str(item.get("scope")))
+        if writer is not None:
+            check_write(session, writer, str(item.get("scope")))
         replica = session.get(Replica, (row.id, item.get("scope"), item.get("name")))
         if replica is None:
             raise ReplicaNotFound(f"No replica of '{item.get('scope')}:{item.get('name')}' "
                                   f"on RSE '{rse}'")
+        yield item, replica
+
+
+def update_states(session: Session, caller: str, rse: str, files: list[dict[str, Any]]) -> None:
+    for item, replica in _named_replicas(session, rse, files, writer=caller):
         replica.state = parse_state(item.get("state"))
 
 
 def delete_replicas(session: Session, caller: str, rse: str, files: list[dict[str, Any]]) -> None:
     if not is_admin(session, caller):
         raise AccessDenied(f"Account {caller} can not delete replicas on '{rse}'")
-    row = get_rse(session, rse)
-    if not isinstance(files, list):
-        raise InvalidObject("'files' must be a list")
-    for item in files:
-        if not isinstance(item, dict):
-            raise InvalidObject("Every entry of 'files' must be an object")
-        replica = session.get(Replica, (row.id, item.get("scope"), item.get("name")))
-        if replica is None:
-            raise ReplicaNotFound(f"No replica of '{item.get('scope')}:{item.get('name')}' "
-                                  f"on RSE '{rse}'")
+    for _item, replica in _named_replicas(session, rse, files):
         if replica.lock_cnt > 0:
             raise UnsupportedOperation(f"The replica of '{replica.scope}:{replica.name}' on "
                                        f"'{rse}' is locked by {replica.lock_cnt} rule(s)")

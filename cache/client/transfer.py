@@ -463,6 +463,10 @@ def _conn_error(obj: str, server: str, e: BaseException) -> Retryable:
     return Retryable(obj, f"{server} failed: {text}", server=server)
 
 
+def _director_unreachable(obj: str, director: str, e: BaseException) -> Retryable:
+    return Retryable(obj, f"director {director} unreachable: {e or type(e).__name__}")
+
+
 # -- sources and failover ---------------------------------------------------------------
 
 
@@ -823,9 +827,7 @@ class Client:
                         obj, director, resp.status, f"director: {cause}", resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise Retryable(
-                obj, f"director {director} unreachable: {e or type(e).__name__}"
-            ) from None
+            raise _director_unreachable(obj, director, e) from None
 
     async def sources(
         self, remote: Remote
@@ -1337,9 +1339,7 @@ class Client:
                         obj, director, resp.status, f"director: {cause}", resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise Retryable(
-                obj, f"director {director} unreachable: {e or type(e).__name__}"
-            ) from None
+            raise _director_unreachable(obj, director, e) from None
 
     async def propfind(self, remote: Remote, depth: int = 1) -> tuple[Entry | None, list[Entry]]:
         """(the entry itself, its children) from a WebDAV PROPFIND."""

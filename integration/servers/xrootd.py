@@ -81,6 +81,7 @@ class _XRootDProcess:
     to say initialization completed, stop on exit."""
 
     kind = "xrootd"
+    export = ""  # the exported path, set by each subclass
 
     def __init__(self, workdir: Path | str, *, http: bool) -> None:
         self.workdir = Path(workdir)
@@ -203,6 +204,16 @@ class _XRootDProcess:
             proc.wait(timeout=10)
 
     @property
+    def root_url(self) -> str:
+        return f"root://{self.host}:{self.port}/{self.export}"
+
+    @property
+    def http_url(self) -> str:
+        if not self.http:
+            raise RuntimeError(f"this {self.kind} was started without HTTP")
+        return f"http://{self.host}:{self.http_port}{self.export}"
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -258,16 +269,6 @@ class XRootDServer(_XRootDProcess):
             # The first algorithm is the default answer to an unqualified query.
             lines.append(f"xrootd.chksum max 2 {' '.join(self.checksums)}")
         return lines + self.extra_config
-
-    @property
-    def root_url(self) -> str:
-        return f"root://{self.host}:{self.port}/{self.export}"
-
-    @property
-    def http_url(self) -> str:
-        if not self.http:
-            raise RuntimeError("this server was started without HTTP")
-        return f"http://{self.host}:{self.http_port}{self.export}"
 
     def __enter__(self) -> XRootDServer:
         self.start()
@@ -328,16 +329,6 @@ class XCacheServer(_XRootDProcess):
             "xrootd.chksum adler32",
             *self.extra_config,
         ]
-
-    @property
-    def root_url(self) -> str:
-        return f"root://{self.host}:{self.port}/{self.export}"
-
-    @property
-    def http_url(self) -> str:
-        if not self.http:
-            raise RuntimeError("this cache was started without HTTP")
-        return f"http://{self.host}:{self.http_port}{self.export}"
 
     def __enter__(self) -> XCacheServer:
         self.start()
