@@ -56,7 +56,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 10)
-    kwargs.setdefault("pool_pre_ping", True)
+    # No ping before every checkout (a round trip per request): a connection found dead
+    # fails its first statement, the pool is invalidated and the caller retries the
+    # transaction (see `Catalog.call` in rest.py).
+    kwargs.setdefault("pool_pre_ping", False)
     # psycopg prepares a statement after five runs, and PostgreSQL may then pick a generic
     # plan in which a long `name IN (...)` list is searched linearly for every row (only a
     # constant list is hashed): bulk lookups got 50x slower as tables grew. Plan each time.
@@ -155,9 +158,11 @@ class _NamesIn(ColumnElement[bool]):
     _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
                            ("names", InternalTraversal.dp_clauseelement)]
 
-    def __init__(self, column: Any, names: list[str]) -> None:
+    def __init__(self, column: Any, names: list[str] | str) -> None:
         self.column = column
-        self.names = bindparam(None, names, type_=_NameList())
+        # a str is the key of a parameter given at execution (see `names_in`)
+        self.names = (bindparam(names, type_=_NameList()) if isinstance(names, str)
+                      else bindparam(None, names, type_=_NameList()))
 
 
 @compiles(_NamesIn)
@@ -170,6 +175,12 @@ def _names_in(element: _NamesIn, compiler: Any, **kw: Any) -> str:
 def _names_in_postgresql(element: _NamesIn, compiler: Any, **kw: Any) -> str:
     column = compiler.process(element.column, **kw)
     return f"{column} = ANY({compiler.process(element.names, **kw)})"
+
+
+def names_in(column: Any, key: str) -> Any:
+    """`column IN names`, the list of names bound at execution as the parameter `key`: for
+    statements built once and run many times."""
+    return _NamesIn(column, key)
 
 
 def keys_in(scope_column: Any, name_column: Any, keys: list[tuple[str, str]]) -> Any:

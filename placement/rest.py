@@ -119,10 +119,13 @@ class Catalog:
 
         def work() -> T:
             for attempt in range(ATTEMPTS):
+                committing = False
                 try:
                     with self.factory.begin() as session:
                         caller = auth.validate(session, token).account if token else None
-                        return fn(session, caller, *args)
+                        result = fn(session, caller, *args)
+                        committing = True
+                    return result
                 except IntegrityError:
                     # A concurrent transaction inserted the same key first. Run again on
                     # the new state: the domain checks then answer as they would have
@@ -131,8 +134,11 @@ class Catalog:
                         raise
                 except OperationalError as exc:
                     # Serialisation failures and deadlocks on PostgreSQL are retried; the
-                    # transaction was rolled back, so nothing was half-written.
-                    if attempt == ATTEMPTS - 1 or not _retryable(exc):
+                    # transaction was rolled back, so nothing was half-written. So is a
+                    # connection that died (a database restart) before the commit: after
+                    # a failed commit nobody knows whether the work landed.
+                    dead = exc.connection_invalidated and not committing
+                    if attempt == ATTEMPTS - 1 or not (dead or _retryable(exc)):
                         raise
                 # Desynchronise the contenders before the next attempt.
                 time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))

@@ -7,6 +7,7 @@ COPYING state, the shared transfer requests and the quota usage exist, or none o
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
 from collections import defaultdict
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from stashflow.placement import quota
@@ -805,21 +806,27 @@ def _drop_unneeded_requests(session: Session, rse_id: str,
 
 
 def covering_rules(session: Session, parent: DID) -> list[Rule]:
-    """The rules on `parent` and its ancestors, row-locked, oldest first. One query: the
-    ancestors are walked up the attachment graph by a recursive CTE (UNION, so a DID
-    reached twice in the DAG is visited once)."""
+    """The rules on `parent` and its ancestors, row-locked, oldest first."""
+    return list(session.scalars(_covering_statement(),
+                                {"scope": parent.scope, "name": parent.name}))
+
+
+@functools.cache
+def _covering_statement() -> Any:
+    """One query, built once: the ancestors are walked up the attachment graph by a
+    recursive CTE (UNION, so a DID reached twice in the DAG is visited once)."""
     # Seeded from the DID's own row, whose columns carry their collation (PostgreSQL
     # refuses a recursive CTE whose terms differ in it).
     up = select(DID.scope, DID.name).where(
-        DID.scope == parent.scope, DID.name == parent.name).cte("up", recursive=True)
+        DID.scope == bindparam("scope"), DID.name == bindparam("name")).cte("up",
+                                                                            recursive=True)
     up = up.union(select(Attachment.scope, Attachment.name).where(
         Attachment.child_scope == up.c.scope, Attachment.child_name == up.c.name))
     # FOR NO KEY UPDATE: concurrent attachments to one collection extend its rules one
     # after the other, so lock counters are never updated from a stale read.
-    return list(session.scalars(
-        select(Rule).join(up, and_(Rule.scope == up.c.scope, Rule.name == up.c.name))
-        .where(Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
-        .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True, of=Rule)))
+    return (select(Rule).join(up, and_(Rule.scope == up.c.scope, Rule.name == up.c.name))
+            .where(Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
+            .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True, of=Rule))
 
 
 def _locked_names(session: Session, rule: Rule, files: list[DID]) -> set[tuple[str, str]]:

@@ -164,6 +164,35 @@ def test_a_refused_bulk_attachment_writes_nothing(factory: Factory) -> None:
         assert (ds.bytes, ds.length) == (34, 3)
 
 
+def test_a_bulk_attachment_over_several_scopes_and_chunks(factory: Factory) -> None:
+    """More files than one statement takes (dids.CHUNK), from two scopes: a refusal in the
+    last chunk undoes the chunks before it; a valid request attaches all, sizes exact."""
+    count = dids.CHUNK + 500
+    files = [{"scope": "other" if i % 5 == 0 else "test", "name": f"f{i:05d}", "bytes": i}
+             for i in range(count)]
+    with factory.begin() as session:
+        setup_scope(session)
+        setup_scope(session, "other")
+        rses.add_rse(session, "SITE_A", {})
+        replicas.add_replicas(session, "root", "SITE_A", files)
+        dids.add_collection(session, "root", "test", "ds", DIDType.DATASET)
+    refs = [{"scope": f["scope"], "name": f["name"]} for f in files]
+    with factory.begin() as session, pytest.raises(DataIdentifierNotFound, match="test:ghost"):
+        dids.attach(session, "root", "test", "ds", [*refs, {"scope": "test", "name": "ghost"}])
+    with factory() as session:
+        assert dids.list_content(session, "test", "ds") == []
+        ds = dids.get_did(session, "test", "ds")
+        assert (ds.bytes or 0, ds.length or 0) == (0, 0)
+    with factory.begin() as session:
+        dids.attach(session, "root", "test", "ds", refs)
+    with factory() as session:
+        content = dids.list_content(session, "test", "ds")
+        assert sorted((c["scope"], c["name"]) for c in content) == sorted(
+            (f["scope"], f["name"]) for f in files)
+        ds = dids.get_did(session, "test", "ds")
+        assert (ds.bytes, ds.length) == (sum(range(count)), count)
+
+
 def test_closed_and_monotonic_collections(factory: Factory) -> None:
     with factory.begin() as session:
         setup_scope(session)

@@ -72,3 +72,30 @@ def test_identity_with_several_accounts_must_choose(db_url: str, tmp_path: Path)
         assert chosen.headers["X-Rucio-Auth-Token"].startswith("team-shared-")
     finally:
         stop_server(srv)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # SQLite has no connections to lose
+def test_connections_lost_under_the_server_are_replaced(db_url: str, tmp_path: Path) -> None:
+    """PostgreSQL restarted or a connection killed by an operator: the pooled connections
+    are dead, and the next requests reconnect instead of failing (the server does not ping
+    before every request; a transaction that fails on a dead connection is run again)."""
+    from .conftest import _pg_admin
+
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path), "--workers", "2")
+    try:
+        client = srv.client()
+        client.add_scope("root", "test")
+        database = db_url.rsplit("/", 1)[1]
+        for round_ in range(3):
+            with _pg_admin() as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchone()
+            assert killed is not None and killed[0] >= 1
+            for _ in range(4):  # each worker's pool is hit at least once
+                assert client.list_scopes() == ["test"]
+            client.add_dataset("test", f"after_{round_}")
+        assert {d for d in client.list_dids("test", {"name": "after_*"})} == {
+            "after_0", "after_1", "after_2"}
+    finally:
+        assert stop_server(srv) == 0
