@@ -39,7 +39,7 @@ from stashflow.placement.models import (
     DIDType,
     Scope,
 )
-from stashflow.placement.scopes import check_write, get_scope
+from stashflow.placement.scopes import check_owner, check_write, get_scope
 
 # Rows per IN list or multi-row insert: few round trips, yet well below SQLite's limit
 # of 32766 bound parameters per statement (a tuple IN uses two per row).
@@ -61,20 +61,25 @@ def get_did(session: Session, scope: str, name: str, *, for_update: bool = False
     # FOR NO KEY UPDATE: excludes other writers of the collection but not the FOR KEY
     # SHARE locks that foreign-key checks take, which FOR UPDATE would block (deadlocks
     # between rule removal and attachment).
-    if not for_update:
-        row = session.get(DID, (scope, name))
-    else:
-        # The scope's row comes along (unlocked) for the write check that follows every
-        # locking read: `check_write` then finds it in the session, a round trip saved.
-        found = session.execute(
-            select(DID, Scope).join(Scope, Scope.scope == DID.scope)
-            .where(DID.scope == scope, DID.name == name)
-            .with_for_update(key_share=True, of=DID)
-            .execution_options(populate_existing=True)).first()
-        row = None if found is None else found[0]
+    row = session.get(DID, (scope, name),
+                      with_for_update={"key_share": True} if for_update else None)
     if row is None:
         raise DataIdentifierNotFound(f"Data identifier '{scope}:{name}' not found")
     return row
+
+
+def lock_for_writing(session: Session, caller: str, scope: str, name: str) -> DID:
+    """The collection row-locked like `get_did(for_update=True)`, once `caller` is known
+    to own its scope (or to be an admin). One query reads both."""
+    found = session.execute(
+        select(DID, Scope.account).join(Scope, Scope.scope == DID.scope)
+        .where(DID.scope == scope, DID.name == name)
+        .with_for_update(key_share=True, of=DID)
+        .execution_options(populate_existing=True)).first()
+    if found is None:
+        raise DataIdentifierNotFound(f"Data identifier '{scope}:{name}' not found")
+    check_owner(session, caller, scope, found.account)
+    return found[0]
 
 
 def lock_collections(session: Session, root: DID) -> None:
@@ -234,8 +239,7 @@ def attach(session: Session, caller: str, scope: str, name: str,
            ignore_duplicate: bool = False) -> None:
     from stashflow.placement.replicas import add_replicas
 
-    parent = get_did(session, scope, name, for_update=True)
-    check_write(session, caller, scope)
+    parent = lock_for_writing(session, caller, scope, name)
     if parent.did_type == DIDType.FILE:
         raise UnsupportedOperation(f"'{scope}:{name}' is a file; only datasets and "
                                    f"containers have content")
@@ -254,14 +258,9 @@ def attach(session: Session, caller: str, scope: str, name: str,
             raise UnsupportedOperation("Only files, attached to datasets, can be registered "
                                        "on an RSE while attaching")
         add_replicas(session, caller, rse, children, ignore_availability=True)
-    if parent.did_type == DIDType.DATASET and not ignore_duplicate:
-        from stashflow.placement.rules import covering_rules
-
-        rules = covering_rules(session, parent)
-        done = _attach_files(session, parent, keys, rows=bool(rules))
-        if done is not None:
-            _cover_new_content(session, parent, done[2], rules)
-            return
+    if (parent.did_type == DIDType.DATASET and not ignore_duplicate
+            and _attach_files(session, parent, keys)):
+        return
     rows = fetch_dids(session, keys)
     missing = [key for key in keys if key not in rows]
     if missing:
@@ -296,20 +295,20 @@ class _Refused(Exception):
     """Rolls back the optimistic insert of `_attach_files`."""
 
 
-def _attach_files(session: Session, parent: DID, keys: list[tuple[str, str]],
-                  rows: bool) -> tuple[int, int, list[Any]] | None:
+def _attach_files(session: Session, parent: DID, keys: list[tuple[str, str]]) -> bool:
     """Attach files to a dataset the optimistic way: the database looks the children up
     and copies their size and checksums itself (INSERT ... SELECT FROM dids) instead of
     shipping every row to us and back. Only existing files can be selected, so if every
-    key was inserted the request was valid. Otherwise (a missing DID, a collection among
-    the children, one already attached) nothing is kept and None tells the caller to run
-    the checks that say precisely what was wrong. Returns (files, bytes, rows); the rows
-    of the new files only when `rows` is asked for or the database cannot aggregate over
-    an INSERT (SQLite). The dataset's size and length are updated here."""
-    if not rows and session.get_bind().dialect.name == "postgresql":
+    key was inserted the request was valid, and the dataset's size and length are
+    updated. Otherwise (a missing DID, a collection among the children, one already
+    attached) the savepoint is rolled back and False tells the caller to run the checks
+    that say precisely what was wrong."""
+    if session.get_bind().dialect.name == "postgresql":
         return _attach_counted(session, parent, keys)
+    from stashflow.placement.rules import covering_rules
+
+    rules = covering_rules(session, parent)
     now = utcnow()
-    count = size = 0
     inserted: list[Any] = []
     try:
         with session.begin_nested():
@@ -322,32 +321,31 @@ def _attach_files(session: Session, parent: DID, keys: list[tuple[str, str]],
                 ).where(keys_in(DID.scope, DID.name, keys[i:i + CHUNK]),
                         DID.did_type == DIDType.FILE)
                 edges = insert(Attachment).from_select(_EDGE_COLUMNS, chosen)
-                new = session.execute(edges.returning(
+                inserted.extend(session.execute(edges.returning(
                     Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
                     Attachment.child_type.label("did_type"), Attachment.bytes,
-                    Attachment.adler32, Attachment.md5)).all()
-                inserted.extend(new)
-                count, size = count + len(new), size + sum(row.bytes or 0 for row in new)
-            if count != len(keys):
+                    Attachment.adler32, Attachment.md5)).all())
+            if len(inserted) != len(keys):
                 raise _Refused
     except (_Refused, IntegrityError):
-        return None
-    parent.bytes = (parent.bytes or 0) + size
-    parent.length = (parent.length or 0) + count
-    return count, size, inserted
+        return False
+    parent.bytes = (parent.bytes or 0) + sum(row.bytes or 0 for row in inserted)
+    parent.length = (parent.length or 0) + len(inserted)
+    _cover_new_content(session, parent, inserted, rules)
+    return True
 
 
-def _attach_counted(session: Session, parent: DID,
-                    keys: list[tuple[str, str]]) -> tuple[int, int, list[Any]] | None:
+def _attach_counted(session: Session, parent: DID, keys: list[tuple[str, str]]) -> bool:
     """PostgreSQL: the files of each scope are attached by one statement that inserts the
-    edges and, if every key was inserted, grows the dataset's size and length: a round
-    trip less than an insert followed by an update of the dataset, and no rows shipped
-    back. The statement is built once; each call only binds its values."""
+    edges, grows the dataset's size and length if every key was inserted, and tells
+    whether rules cover the dataset: round trips saved against separate statements, and
+    no rows shipped back unless rules must be extended. The statement is built once;
+    each call only binds its values."""
     now = utcnow()
     by_scope: dict[str, list[str]] = {}
     for scope, name in keys:
         by_scope.setdefault(scope, []).append(name)
-    count = size = 0
+    covered = False
     try:
         with session.begin_nested():
             for scope, names in by_scope.items():
@@ -359,14 +357,17 @@ def _attach_counted(session: Session, parent: DID,
                         "now": now}).one()
                     if row.n != len(chunk):
                         raise _Refused
-                    count, size = count + row.n, size + int(row.bytes)
+                    covered = row.covered
                     set_committed_value(parent, "bytes", row.total)
                     set_committed_value(parent, "length", row.length)
                     set_committed_value(parent, "updated_at", now)
     except (_Refused, IntegrityError):
         session.expire(parent, ["bytes", "length", "updated_at"])
-        return None
-    return count, size, []
+        return False
+    if covered:
+        rows = fetch_dids(session, keys)
+        _cover_new_content(session, parent, [rows[key] for key in keys])
+    return True
 
 
 @functools.cache
@@ -390,9 +391,12 @@ def _grow_statement() -> Any:
              .values(bytes=func.coalesce(DID.bytes, 0) + total,
                      length=func.coalesce(DID.length, 0) + n, updated_at=now)
              .returning(DID.bytes, DID.length).cte("grown"))
-    return select(totals.c.n, totals.c.bytes,
-                  select(grown.c.bytes).scalar_subquery().label("total"),
-                  select(grown.c.length).scalar_subquery().label("length")).select_from(totals)
+    from stashflow.placement.rules import covered
+
+    return select(totals.c.n, select(grown.c.bytes).scalar_subquery().label("total"),
+                  select(grown.c.length).scalar_subquery().label("length"),
+                  covered("parent_scope", "parent_name").label("covered")
+                  ).select_from(totals)
 
 
 _EDGE_COLUMNS = ["scope", "name", "child_scope", "child_name", "did_type", "child_type",
@@ -440,8 +444,7 @@ def ancestors_of(session: Session, scope: str, name: str) -> set[tuple[str, str]
 
 def detach(session: Session, caller: str, scope: str, name: str,
            children: list[dict[str, Any]]) -> None:
-    parent = get_did(session, scope, name, for_update=True)
-    check_write(session, caller, scope)
+    parent = lock_for_writing(session, caller, scope, name)
     if parent.monotonic:
         raise UnsupportedOperation(f"'{scope}:{name}' is monotonic: content cannot be removed")
     if not isinstance(children, list):

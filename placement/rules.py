@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from stashflow.placement import quota
@@ -811,22 +811,38 @@ def covering_rules(session: Session, parent: DID) -> list[Rule]:
                                 {"scope": parent.scope, "name": parent.name}))
 
 
+_LIVE = (RuleState.WAITING_APPROVAL, RuleState.INJECT)
+
+
 @functools.cache
 def _covering_statement() -> Any:
-    """One query, built once: the ancestors are walked up the attachment graph by a
-    recursive CTE (UNION, so a DID reached twice in the DAG is visited once)."""
-    # Seeded from the DID's own row, whose columns carry their collation (PostgreSQL
-    # refuses a recursive CTE whose terms differ in it).
-    up = select(DID.scope, DID.name).where(
-        DID.scope == bindparam("scope"), DID.name == bindparam("name")).cte("up",
-                                                                            recursive=True)
-    up = up.union(select(Attachment.scope, Attachment.name).where(
-        Attachment.child_scope == up.c.scope, Attachment.child_name == up.c.name))
+    """One query, built once."""
+    up = _ancestry("scope", "name")
     # FOR NO KEY UPDATE: concurrent attachments to one collection extend its rules one
     # after the other, so lock counters are never updated from a stale read.
     return (select(Rule).join(up, and_(Rule.scope == up.c.scope, Rule.name == up.c.name))
-            .where(Rule.state.not_in([RuleState.WAITING_APPROVAL, RuleState.INJECT]))
+            .where(Rule.state.not_in(_LIVE))
             .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True, of=Rule))
+
+
+def covered(scope_key: str, name_key: str) -> Any:
+    """EXISTS (a rule on the collection bound as the parameters `scope_key`, `name_key`
+    or on one of its ancestors): for statements that learn it on the way."""
+    up = _ancestry(scope_key, name_key)
+    return exists().where(Rule.scope == up.c.scope, Rule.name == up.c.name,
+                          Rule.state.not_in(_LIVE))
+
+
+def _ancestry(scope_key: str, name_key: str) -> Any:
+    """The collection and its ancestors, walked up the attachment graph by a recursive CTE
+    (UNION, so a DID reached twice in the DAG is visited once)."""
+    # Seeded from the DID's own row, whose columns carry their collation (PostgreSQL
+    # refuses a recursive CTE whose terms differ in it).
+    up = select(DID.scope, DID.name).where(
+        DID.scope == bindparam(scope_key), DID.name == bindparam(name_key)).cte(
+            "up", recursive=True)
+    return up.union(select(Attachment.scope, Attachment.name).where(
+        Attachment.child_scope == up.c.scope, Attachment.child_name == up.c.name))
 
 
 def _locked_names(session: Session, rule: Rule, files: list[DID]) -> set[tuple[str, str]]:

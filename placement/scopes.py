@@ -42,7 +42,12 @@ def scopes_of(session: Session, account: str) -> list[str]:
 def check_write(session: Session, caller: str, scope: str) -> Scope:
     """Every account reads every scope but writes only its own (admins write anywhere)."""
     row = get_scope(session, scope)
-    if row.account != caller and not is_admin(session, caller):
-        raise AccessDenied(f"Account {caller} can not write to scope {scope} (owned by "
-                           f"{row.account})")
+    check_owner(session, caller, scope, row.account)
     return row
+
+
+def check_owner(session: Session, caller: str, scope: str, owner: str) -> None:
+    """`check_write` for a caller whose scope's owner was read already."""
+    if owner != caller and not is_admin(session, caller):
+        raise AccessDenied(f"Account {caller} can not write to scope {scope} (owned by "
+                           f"{owner})")
