@@ -213,10 +213,8 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def workload(url: str, work: Path, label: str, count: int, batch: int,
-             rounds: int) -> dict[str, list[float]]:
-    """Files per second of each operation, one figure per round. Every round works on
-    new files, a new dataset and a new rule, so no round finds the previous one's work."""
+def prepare(url: str, work: Path, label: str) -> Any:
+    """A client of the server at `url`, with the scope, RSEs and quotas of the workload."""
     client = client_for(url, work, label)
     client.add_scope("root", "bench")
     for rse in ("BENCH_A", "BENCH_B"):
@@ -226,14 +224,7 @@ def workload(url: str, work: Path, label: str, count: int, batch: int,
                                   "impl": "rucio.rse.protocols.posix.Default",
                                   "domains": DOMAINS})
         client.set_local_account_limit("root", rse, -1)
-    rates: dict[str, list[float]] = {op: [] for op in OPERATIONS}
-    for round_ in range(rounds):
-        seconds = _round(client, label, count, batch, round_)
-        for op in OPERATIONS:
-            rates[op].append(count / seconds[op])
-        print(f"{label} round {round_ + 1}/{rounds}: " + ", ".join(
-            f"{op} {count / seconds[op]:,.0f}/s" for op in OPERATIONS), flush=True)
-    return rates
+    return client
 
 
 def _round(client: Any, label: str, count: int, batch: int, round_: int) -> dict[str, float]:
@@ -276,7 +267,8 @@ def report(result: Result, count: int, batch: int, workers: int, rounds: int) ->
         f"{workers} server workers each, one PostgreSQL, the same rucio.client.Client, "
         f"client and servers on one machine: {_cpu_model()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
-        f"{rounds} rounds per server, each on new files, a new dataset and a new rule; "
+        f"{rounds} rounds per server, taken in turns while both run, each on new files, a "
+        f"new dataset and a new rule; "
         f"the figures are the median round (slowest-fastest in brackets), the ratio is "
         f"of the medians.",
         "",
@@ -330,13 +322,28 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="placement-bench-"))
+    mine: dict[str, list[float]] = {op: [] for op in OPERATIONS}
+    theirs: dict[str, list[float]] | None = None
     try:
-        with ours(args.workers, work) as url:
-            mine = workload(url, work, "stashflow", args.files, args.batch, args.rounds)
-        theirs = None
-        if not args.skip_rucio:
-            with rucio(args.workers, work, args.rucio_venv) as url:
-                theirs = workload(url, work, "rucio", args.files, args.batch, args.rounds)
+        with contextlib.ExitStack() as stack:
+            # Both servers run at once and take turns round by round, so that a drift of
+            # the machine's speed during the run (shared vCPUs) weighs on both alike.
+            clients = {"stashflow": prepare(stack.enter_context(ours(args.workers, work)),
+                                            work, "stashflow")}
+            if not args.skip_rucio:
+                theirs = {op: [] for op in OPERATIONS}
+                clients["rucio"] = prepare(stack.enter_context(
+                    rucio(args.workers, work, args.rucio_venv)), work, "rucio")
+            for round_ in range(args.rounds):
+                for label, client in clients.items():
+                    rates = mine if label == "stashflow" else theirs
+                    assert rates is not None
+                    seconds = _round(client, label, args.files, args.batch, round_)
+                    for op in OPERATIONS:
+                        rates[op].append(args.files / seconds[op])
+                    print(f"{label} round {round_ + 1}/{args.rounds}: " + ", ".join(
+                        f"{op} {args.files / seconds[op]:,.0f}/s" for op in OPERATIONS),
+                        flush=True)
     except Exception:
         print(f"benchmark failed; logs are in {work}", file=sys.stderr)
         raise

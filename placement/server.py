@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from stashflow.placement import (
     auth,
     rules,
+    statistics,
     web_accounts,
     web_dids,
     web_replicas,
@@ -39,6 +40,8 @@ CATALOG_KEY: web.AppKey[Catalog] = web.AppKey("catalog", Catalog)
 # Rucio's error envelope instead of the HTTP parser's bare 400.
 MAX_LINE = 4 * 1024 * 1024
 MAX_BODY = 256 * 1024 * 1024
+# Seconds between checks of the planner statistics (a query; ANALYZE only when stale).
+STATISTICS_INTERVAL = 5.0
 
 
 def _openapi() -> dict[str, Any]:
@@ -116,10 +119,12 @@ def create_app(url: str, *, cleaner_interval: float = 60.0, threads: int | None 
     app.add_routes(extension_routes(catalog))
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        task = (asyncio.create_task(_cleaner(catalog, cleaner_interval))
-                if cleaner_interval > 0 else None)
+        # The background rounds run in one worker only (the others get no cleaner).
+        tasks = [] if cleaner_interval <= 0 else [
+            asyncio.create_task(_cleaner(catalog, cleaner_interval)),
+            asyncio.create_task(_statistics(engine))]
         yield
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -144,6 +149,19 @@ async def _cleaner(catalog: Catalog, interval: float) -> None:
                 log.info("judge-cleaner removed %d expired rule(s)", removed)
         except Exception:  # keep the loop alive; the next round retries
             log.exception("judge-cleaner round failed")
+
+
+async def _statistics(engine: Engine) -> None:
+    """Planner statistics refreshed during bulk loads (see placement/statistics.py)."""
+    if is_sqlite(engine):
+        return
+    while True:
+        await asyncio.sleep(STATISTICS_INTERVAL)
+        try:
+            await asyncio.to_thread(statistics.refresh, engine)
+        except Exception:  # e.g. not the tables' owner: say so once, stop trying
+            log.exception("cannot refresh the planner statistics; leaving it to autovacuum")
+            return
 
 
 async def serve(url: str, host: str, port: int, *, reuse_port: bool = False,
