@@ -15,7 +15,8 @@ printed as files per second and as ratios ours/Rucio, and written to a marked se
 docs/benchmarks.md.
 
     .venv/bin/python benchmarks/placement_api.py [--files 10000] [--workers 2]
-        [--rounds 5] [--rucio-venv DIR] [--skip-rucio] [--output docs/benchmarks.md]
+        [--rounds 5] [--warmup-files 2000] [--rucio-venv DIR] [--skip-rucio]
+        [--output docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -236,11 +237,11 @@ def prepare(url: str, work: Path, label: str) -> Any:
     return client
 
 
-def _round(client: Any, label: str, count: int, batch: int, round_: int) -> dict[str, float]:
-    files = [{"scope": "bench", "name": f"r{round_}_file_{i:06d}", "bytes": 1000 + i,
+def _round(client: Any, label: str, count: int, batch: int, tag: str) -> dict[str, float]:
+    files = [{"scope": "bench", "name": f"{tag}_file_{i:06d}", "bytes": 1000 + i,
               "adler32": f"{i:08x}"} for i in range(count)]
     chunks = [files[i:i + batch] for i in range(0, count, batch)]
-    dataset = f"dataset_{round_}"
+    dataset = f"dataset_{tag}"
     client.add_dataset("bench", dataset)
     seconds = {}
     seconds["add_replicas"] = timed(lambda: [client.add_replicas("BENCH_A", c)
@@ -270,14 +271,16 @@ def _shown(rates: list[float]) -> str:
     return f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f})"
 
 
-def report(result: Result, count: int, batch: int, workers: int, rounds: int) -> str:
+def report(result: Result, count: int, batch: int, workers: int, rounds: int,
+           warmup: int) -> str:
     lines = [
         f"{count:,} files ({batch:,} per call where the call takes a list), "
         f"{workers} server workers each, one PostgreSQL, the same rucio.client.Client, "
         f"client and servers on one machine: {_cpu_model()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
         f"{rounds} rounds per server, taken in turns while both run, each on new files, a "
-        f"new dataset and a new rule, after a CHECKPOINT; "
+        f"new dataset and a new rule, after a CHECKPOINT and an untimed round of "
+        f"{warmup:,} files; "
         f"the figures are the median round (slowest-fastest in brackets), the ratio is "
         f"of the medians.",
         "",
@@ -324,6 +327,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds per server; the median round is reported")
+    parser.add_argument("--warmup-files", type=int, default=2_000,
+                        help="files of the untimed first round of each server")
     parser.add_argument("--rucio-venv", type=Path,
                         default=Path(tempfile.gettempdir()) / f"stashflow-rucio-{RUCIO_VERSION}")
     parser.add_argument("--skip-rucio", action="store_true",
@@ -343,12 +348,17 @@ def main() -> int:
                 theirs = {op: [] for op in OPERATIONS}
                 clients["rucio"] = prepare(stack.enter_context(
                     rucio(args.workers, work, args.rucio_venv)), work, "rucio")
+            # An untimed round first: connections opened, statements compiled and the
+            # database's caches filled, as in a server that has been up for a while.
+            for label, client in clients.items():
+                checkpoint()
+                _round(client, label, args.warmup_files, args.batch, "warmup")
             for round_ in range(args.rounds):
                 for label, client in clients.items():
                     rates = mine if label == "stashflow" else theirs
                     assert rates is not None
                     checkpoint()
-                    seconds = _round(client, label, args.files, args.batch, round_)
+                    seconds = _round(client, label, args.files, args.batch, f"r{round_}")
                     for op in OPERATIONS:
                         rates[op].append(args.files / seconds[op])
                     print(f"{label} round {round_ + 1}/{args.rounds}: " + ", ".join(
@@ -357,7 +367,8 @@ def main() -> int:
     except Exception:
         print(f"benchmark failed; logs are in {work}", file=sys.stderr)
         raise
-    text = report(Result(mine, theirs), args.files, args.batch, args.workers, args.rounds)
+    text = report(Result(mine, theirs), args.files, args.batch, args.workers, args.rounds,
+                  args.warmup_files)
     print(f"{SECTION}\n\n{text}")
     update_markdown(args.output, SECTION, text)
     shutil.rmtree(work, ignore_errors=True)
