@@ -811,7 +811,8 @@ def covering_rules(session: Session, parent: DID) -> list[Rule]:
                                 {"scope": parent.scope, "name": parent.name}))
 
 
-_LIVE = (RuleState.WAITING_APPROVAL, RuleState.INJECT)
+# Rules that do not place anything yet: they are not extended to new content.
+_NOT_STARTED = (RuleState.WAITING_APPROVAL, RuleState.INJECT)
 
 
 @functools.cache
@@ -821,7 +822,7 @@ def _covering_statement() -> Any:
     # FOR NO KEY UPDATE: concurrent attachments to one collection extend its rules one
     # after the other, so lock counters are never updated from a stale read.
     return (select(Rule).join(up, and_(Rule.scope == up.c.scope, Rule.name == up.c.name))
-            .where(Rule.state.not_in(_LIVE))
+            .where(Rule.state.not_in(_NOT_STARTED))
             .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True, of=Rule))
 
 
@@ -830,7 +831,7 @@ def covered(scope_key: str, name_key: str) -> Any:
     or on one of its ancestors): for statements that learn it on the way."""
     up = _ancestry(scope_key, name_key)
     return exists().where(Rule.scope == up.c.scope, Rule.name == up.c.name,
-                          Rule.state.not_in(_LIVE))
+                          Rule.state.not_in(_NOT_STARTED))
 
 
 def _ancestry(scope_key: str, name_key: str) -> Any:
