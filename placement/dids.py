@@ -57,20 +57,19 @@ def parse_type(value: Any, allowed: Iterable[DIDType] = tuple(DIDType)) -> DIDTy
     return did_type
 
 
-def get_did(session: Session, scope: str, name: str, *, for_update: bool = False) -> DID:
-    # FOR NO KEY UPDATE: excludes other writers of the collection but not the FOR KEY
-    # SHARE locks that foreign-key checks take, which FOR UPDATE would block (deadlocks
-    # between rule removal and attachment).
-    row = session.get(DID, (scope, name),
-                      with_for_update={"key_share": True} if for_update else None)
+def get_did(session: Session, scope: str, name: str) -> DID:
+    row = session.get(DID, (scope, name))
     if row is None:
         raise DataIdentifierNotFound(f"Data identifier '{scope}:{name}' not found")
     return row
 
 
 def lock_for_writing(session: Session, caller: str, scope: str, name: str) -> DID:
-    """The collection row-locked like `get_did(for_update=True)`, once `caller` is known
-    to own its scope (or to be an admin). One query reads both."""
+    """The collection, row-locked for writing, once `caller` is known to own its scope
+    (or to be an admin). One query reads both."""
+    # FOR NO KEY UPDATE: excludes other writers of the collection but not the FOR KEY
+    # SHARE locks that foreign-key checks take, which FOR UPDATE would block (deadlocks
+    # between rule removal and attachment).
     found = session.execute(
         select(DID, Scope.account).join(Scope, Scope.scope == DID.scope)
         .where(DID.scope == scope, DID.name == name)
