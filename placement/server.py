@@ -155,13 +155,16 @@ async def _statistics(engine: Engine) -> None:
     """Planner statistics refreshed during bulk loads (see placement/statistics.py)."""
     if is_sqlite(engine):
         return
+    failing = False
     while True:
         await asyncio.sleep(STATISTICS_INTERVAL)
         try:
             await asyncio.to_thread(statistics.refresh, engine)
-        except Exception:  # e.g. not the tables' owner: say so once, stop trying
-            log.exception("cannot refresh the planner statistics; leaving it to autovacuum")
-            return
+            failing = False
+        except Exception:  # keep the loop alive; say it once per spell of failures
+            if not failing:
+                log.exception("refreshing the planner statistics failed; will retry")
+            failing = True
 
 
 async def serve(url: str, host: str, port: int, *, reuse_port: bool = False,

@@ -25,10 +25,13 @@ log = logging.getLogger("stashflow.placement.statistics")
 MIN_CHANGED = 1000
 SHARE = 0.1
 
+# Only tables we may analyse (owned by our role or one it belongs to): PostgreSQL skips
+# the others with a mere warning, and they would be tried again at every check.
 _STALE = text(
-    "SELECT relname FROM pg_stat_user_tables "
-    "WHERE schemaname = current_schema() AND n_mod_since_analyze >= :least "
-    "AND n_mod_since_analyze >= :share * greatest(n_live_tup, 1) ORDER BY relname")
+    "SELECT s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
+    "WHERE s.schemaname = current_schema() AND pg_has_role(c.relowner, 'USAGE') "
+    "AND s.n_mod_since_analyze >= :least "
+    "AND s.n_mod_since_analyze >= :share * greatest(s.n_live_tup, 1) ORDER BY s.relname")
 
 
 def refresh(engine: Engine) -> list[str]:
