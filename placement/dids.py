@@ -301,29 +301,22 @@ def _attach_files(session: Session, parent: DID, keys: list[tuple[str, str]]) ->
     key was inserted the request was valid, and the dataset's size and length are
     updated. Otherwise (a missing DID, a collection among the children, one already
     attached) the savepoint is rolled back and False tells the caller to run the checks
-    that say precisely what was wrong."""
+    that say precisely what was wrong. The statements are built once; each call binds
+    its values, one statement per scope and chunk of names."""
     if session.get_bind().dialect.name == "postgresql":
         return _attach_counted(session, parent, keys)
     from stashflow.placement.rules import covering_rules
 
+    # SQLite cannot insert inside a WITH: the new edges come back as rows, and the
+    # dataset is updated from them.
     rules = covering_rules(session, parent)
     now = utcnow()
     inserted: list[Any] = []
     try:
         with session.begin_nested():
-            for i in range(0, len(keys), CHUNK):
-                chosen = select(
-                    literal(parent.scope, DID.scope.type), literal(parent.name, DID.name.type),
-                    DID.scope, DID.name, literal(DIDType.DATASET, Attachment.did_type.type),
-                    DID.did_type, DID.bytes, DID.adler32, DID.md5,
-                    literal(now, Attachment.created_at.type),
-                ).where(keys_in(DID.scope, DID.name, keys[i:i + CHUNK]),
-                        DID.did_type == DIDType.FILE)
-                edges = insert(Attachment).from_select(_EDGE_COLUMNS, chosen)
-                inserted.extend(session.execute(edges.returning(
-                    Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
-                    Attachment.child_type.label("did_type"), Attachment.bytes,
-                    Attachment.adler32, Attachment.md5)).all())
+            for scope, chunk in _by_scope(keys):
+                inserted.extend(session.execute(_returning_statement(),
+                                                _bound(parent, scope, chunk, now)).all())
             if len(inserted) != len(keys):
                 raise _Refused
     except (_Refused, IntegrityError):
@@ -335,31 +328,23 @@ def _attach_files(session: Session, parent: DID, keys: list[tuple[str, str]]) ->
 
 
 def _attach_counted(session: Session, parent: DID, keys: list[tuple[str, str]]) -> bool:
-    """PostgreSQL: the files of each scope are attached by one statement that inserts the
-    edges, grows the dataset's size and length if every key was inserted, and tells
-    whether rules cover the dataset: round trips saved against separate statements, and
-    no rows shipped back unless rules must be extended. The statement is built once;
-    each call only binds its values."""
+    """PostgreSQL: each statement inserts the edges, grows the dataset's size and length
+    if every key was inserted, and tells whether rules cover the dataset: round trips
+    saved against separate statements, and no rows shipped back unless rules must be
+    extended."""
     now = utcnow()
-    by_scope: dict[str, list[str]] = {}
-    for scope, name in keys:
-        by_scope.setdefault(scope, []).append(name)
     covered = False
     try:
         with session.begin_nested():
-            for scope, names in by_scope.items():
-                for i in range(0, len(names), CHUNK):
-                    chunk = names[i:i + CHUNK]
-                    row = session.execute(_grow_statement(), {
-                        "parent_scope": parent.scope, "parent_name": parent.name,
-                        "child_scope": scope, "names": chunk, "count": len(chunk),
-                        "now": now}).one()
-                    if row.n != len(chunk):
-                        raise _Refused
-                    covered = row.covered
-                    set_committed_value(parent, "bytes", row.total)
-                    set_committed_value(parent, "length", row.length)
-                    set_committed_value(parent, "updated_at", now)
+            for scope, chunk in _by_scope(keys):
+                row = session.execute(_grow_statement(),
+                                      _bound(parent, scope, chunk, now)).one()
+                if row.n != len(chunk):
+                    raise _Refused
+                covered = row.covered
+                set_committed_value(parent, "bytes", row.total)
+                set_committed_value(parent, "length", row.length)
+                set_committed_value(parent, "updated_at", now)
     except (_Refused, IntegrityError):
         session.expire(parent, ["bytes", "length", "updated_at"])
         return False
@@ -369,17 +354,46 @@ def _attach_counted(session: Session, parent: DID, keys: list[tuple[str, str]]) 
     return True
 
 
+def _by_scope(keys: list[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """(scope, names) in chunks of at most CHUNK names."""
+    by_scope: dict[str, list[str]] = {}
+    for scope, name in keys:
+        by_scope.setdefault(scope, []).append(name)
+    for scope, names in by_scope.items():
+        for i in range(0, len(names), CHUNK):
+            yield scope, names[i:i + CHUNK]
+
+
+def _bound(parent: DID, scope: str, names: list[str], now: datetime) -> dict[str, Any]:
+    return {"parent_scope": parent.scope, "parent_name": parent.name, "child_scope": scope,
+            "names": names, "count": len(names), "now": now}
+
+
+@functools.cache
+def _edges_select() -> Any:
+    """The edges from the dataset :parent_scope/:parent_name to the files :names of scope
+    :child_scope, stamped :now."""
+    return select(bindparam("parent_scope", type_=DID.scope.type),
+                  bindparam("parent_name", type_=DID.name.type), DID.scope, DID.name,
+                  literal(DIDType.DATASET, Attachment.did_type.type), DID.did_type,
+                  DID.bytes, DID.adler32, DID.md5,
+                  bindparam("now", type_=Attachment.created_at.type)).where(
+        DID.scope == bindparam("child_scope"), names_in(DID.name, "names"),
+        DID.did_type == DIDType.FILE)
+
+
+@functools.cache
+def _returning_statement() -> Any:
+    # the Core table: with parameters, an ORM insert would be run as a bulk insert
+    edges = Attachment.__table__.c
+    return insert(Attachment.__table__).from_select(_EDGE_COLUMNS, _edges_select()).returning(
+        edges.child_scope.label("scope"), edges.child_name.label("name"),
+        edges.child_type.label("did_type"), edges.bytes, edges.adler32, edges.md5)
+
+
 @functools.cache
 def _grow_statement() -> Any:
-    chosen = select(DID.scope, DID.name, DID.did_type, DID.bytes, DID.adler32, DID.md5).where(
-        DID.scope == bindparam("child_scope"), names_in(DID.name, "names"),
-        DID.did_type == DIDType.FILE).subquery("chosen")
-    now = bindparam("now", type_=Attachment.created_at.type)
-    edges = select(bindparam("parent_scope", type_=DID.scope.type),
-                   bindparam("parent_name", type_=DID.name.type), chosen.c.scope, chosen.c.name,
-                   literal(DIDType.DATASET, Attachment.did_type.type), chosen.c.did_type,
-                   chosen.c.bytes, chosen.c.adler32, chosen.c.md5, now)
-    added = (insert(Attachment).from_select(_EDGE_COLUMNS, edges)
+    added = (insert(Attachment).from_select(_EDGE_COLUMNS, _edges_select())
              .returning(Attachment.bytes).cte("added"))
     totals = select(func.count().label("n"),
                     func.coalesce(func.sum(added.c.bytes), 0).label("bytes")).cte("totals")
@@ -388,7 +402,8 @@ def _grow_statement() -> Any:
              .where(DID.scope == bindparam("parent_scope"), DID.name == bindparam("parent_name"),
                     n == bindparam("count"))
              .values(bytes=func.coalesce(DID.bytes, 0) + total,
-                     length=func.coalesce(DID.length, 0) + n, updated_at=now)
+                     length=func.coalesce(DID.length, 0) + n,
+                     updated_at=bindparam("now", type_=Attachment.created_at.type))
              .returning(DID.bytes, DID.length).cte("grown"))
     from stashflow.placement.rules import covered
 
