@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,11 @@ def test_corrupted_block_is_detected_and_refetched(tmp_path: Path) -> None:
     with CacheProcess(tmp_path / "c", {"/ns": f"file://{src}"}) as c:
         assert c.get("/ns/f.bin").body == data
         assert c.get("/ns/f.bin").body == data  # verified, cached
+        # the write-behind may still be writing the blocks of the miss: corrupt the file
+        # only once all three are on disk, or its write would repair the damage
+        deadline = time.monotonic() + 10
+        while c.admin("stats").json()["blocks"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         [datafile] = [p for p in (tmp_path / "c" / "data").rglob("*") if p.is_file()]
         with open(datafile, "r+b") as f:
             f.seek(MiB + 100)
@@ -172,8 +178,6 @@ def test_kill9_during_a_large_miss_then_restart(tmp_path: Path) -> None:
         curl = subprocess.Popen(
             ["curl", "-s", "--limit-rate", "8M", "-o", "/dev/null", c.url + "/ns/f.bin"]
         )
-        import time
-
         time.sleep(2)
         stats = c.admin("stats").json()
         assert 0 < stats["usage_bytes"] < len(data)
