@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -277,13 +280,14 @@ class ObjectHandler:
             await resp.prepare(request)
             if request.method == "HEAD":
                 return resp
-            for i, (first, last) in enumerate(spans):
-                if heads:
-                    await resp.write(heads[i])
-                await reader.send(resp, first, last)
-            if tail:
-                await resp.write(tail)
-            await resp.write_eof()
+            with _corked(request.transport):
+                for i, (first, last) in enumerate(spans):
+                    if heads:
+                        await resp.write(heads[i])
+                    await reader.send(resp, first, last)
+                if tail:
+                    await resp.write(tail)
+                await resp.write_eof()
             (metrics.HITS if outcome["result"] == "hit" else metrics.MISSES).inc()
             return resp
         except (ConnectionResetError, asyncio.CancelledError):
@@ -292,6 +296,30 @@ class ObjectHandler:
         finally:
             reader.close()
             self.svc.index.set_open(rec, -1)
+
+
+@contextlib.contextmanager
+def _corked(transport: asyncio.BaseTransport | None) -> Iterator[None]:
+    """TCP_CORK on the client's socket while a body goes out in large pieces: the kernel
+    then sends only full segments, and the short segment at the end of each sendfile run
+    or block no longer goes out on its own (aiohttp sets TCP_NODELAY). Measured on
+    loopback, 1 GiB hits: 1.7-2.0 GB/s without, 2.3-2.5 GB/s with (nginx corks its
+    sendfile bodies the same way, `tcp_nopush`). Uncorking at the end pushes the rest."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    cork = getattr(socket, "TCP_CORK", None)
+    if sock is None or cork is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    except OSError:  # not TCP after all, or already closed: send uncorked
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
 
 class _ResponseStarted(Exception):
