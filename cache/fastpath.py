@@ -210,7 +210,7 @@ class FastPathProtocol(asyncio.Protocol):
         if hit is None:
             return False
         raw, stored = hit
-        # the access statistics at the end of the record change every second; what
+        # the access statistics at the end of the record change every few seconds; what
         # the answer depends on is before them
         identity = raw[: raw.rfind(b',"hits":')]
         memo = _MEMO.get(key)

@@ -99,7 +99,7 @@ class Record:
     pinned: bool = False
     validated: float = 0.0
     created: float = 0.0
-    # access statistics last: they change every second for a busy object, and readers
+    # access statistics last: they change every few seconds for a busy object, and readers
     # that only need the object's identity compare the bytes before them (fastpath.py)
     hits: int = 0
     atime: float = 0.0

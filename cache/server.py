@@ -597,6 +597,9 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
             limit = min(int(request.query.get("limit", "1000")), 100_000)
         except ValueError:
             return error(400, "limit must be an integer")
+        # this worker's latest counts; the other workers' arrive within
+        # ACCESS_FLUSH_INTERVAL
+        await asyncio.to_thread(service.flush_accesses)
         items = [
             {
                 "path": r.key,
