@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stashflow.cache.client import condor
+from stashflow.cache.client.allocator import keep_freed_memory
 from stashflow.cache.client.discovery import Remote, is_remote, parse_remote, server_of
 from stashflow.cache.client.errors import (
     EXIT_OK,
@@ -343,6 +344,7 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.write(condor.capability_ad())
         return EXIT_OK
     started = time.monotonic()
+    keep_freed_memory()
     try:
         _check_methods(args.methods)
         opts = _options(args)

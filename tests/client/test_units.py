@@ -140,3 +140,13 @@ def test_options_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert o.chunk_size == 4 * 1024 * 1024 and o.stall_window == 5.0
     assert o.caches == ["http://a:1", "http://b:2"] and o.parallel_files == 3
     assert Options.load(director="https://other").director == "https://other"
+
+
+def test_allocator_keeps_freed_memory_on_glibc() -> None:
+    import platform
+
+    from stashflow.cache.client.allocator import keep_freed_memory
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    # mallopt answers 1 for accepted settings: on glibc both must be taken
+    assert keep_freed_memory() is on_glibc
