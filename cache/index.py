@@ -37,7 +37,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,7 @@ class Index:
         self._open = self.env.open_db(b"open")
         self._ord = self.env.open_db(b"ord")
         self._meta = self.env.open_db(b"meta")
+        self._ver = self.env.open_db(b"ver")
         self.pid = os.getpid()
         self._owner = _OWNER.pack(self.pid, _process_start(self.pid), 0.0)[:12]
         self._liveness: dict[tuple[int, int], tuple[bool, float]] = {}
@@ -226,6 +227,31 @@ class Index:
                     break
                 out[idx] = _CRC.unpack(v)[0]
         return out
+
+    def verified(self, rec: Record, mtime_ns: int) -> set[int]:
+        """Blocks of the object whose checksum some worker checked against the data file
+        while the file had modification time `mtime_ns` (see `note_verified`)."""
+        with self.env.begin(db=self._ver) as txn:
+            raw = txn.get(rec.objid + _U32.pack(rec.gen))
+        if raw is None or _U64.unpack_from(raw)[0] != mtime_ns:
+            return set()
+        bits = int.from_bytes(raw[8:], "little")
+        return {i for i in range(bits.bit_length()) if bits >> i & 1}
+
+    def note_verified(self, rec: Record, mtime_ns: int, blocks: Iterable[int]) -> None:
+        """Record that `blocks` matched their checksums in the data file version
+        `mtime_ns`, for every worker and later runs: each block is then read back for
+        checking once per version of the file, not once per worker process."""
+        key = rec.objid + _U32.pack(rec.gen)
+        with self.env.begin(write=True, db=self._ver) as txn:
+            raw = txn.get(key)
+            bits = 0
+            if raw is not None and _U64.unpack_from(raw)[0] == mtime_ns:
+                bits = int.from_bytes(raw[8:], "little")
+            for idx in blocks:
+                bits |= 1 << idx
+            txn.put(key, _U64.pack(mtime_ns) + bits.to_bytes((bits.bit_length() + 7) // 8,
+                                                               "little"))
 
     def inline_hit(self, key: str) -> tuple[bytes, bytes] | None:
         """(raw record, crc32c + content) of a small object, in one read transaction:
@@ -318,6 +344,11 @@ class Index:
         if cur.set_range(oid):
             while bytes(cur.key()).startswith(oid):
                 if not cur.delete():
+                    break
+        ver = txn.cursor(db=self._ver)
+        if ver.set_range(oid):
+            while bytes(ver.key()).startswith(oid):
+                if not ver.delete():
                     break
         # claims of the object's current generation stay accounted to their owners,
         # who discover at commit time that the record is gone and release them

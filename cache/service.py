@@ -233,10 +233,23 @@ class CacheService:
         (a cheap check that spares a trip to a thread for verify_blocks)."""
         if self.cfg.verify == "always":
             return False
-        seen = self._verified.get((rec.objid, rec.gen))
-        if seen is None or seen.mtime_ns != os.fstat(fd).st_mtime_ns:
-            return False
+        mtime_ns = os.fstat(fd).st_mtime_ns
+        seen = self._seen(rec, mtime_ns)
+        if all(idx in seen.blocks for idx in crcs):
+            return True
+        # another worker, or an earlier run, may have checked them
+        seen.blocks |= self.index.verified(rec, mtime_ns)
         return all(idx in seen.blocks for idx in crcs)
+
+    def _seen(self, rec: Record, mtime_ns: int) -> _Verified:
+        key = (rec.objid, rec.gen)
+        seen = self._verified.get(key)
+        if seen is None or seen.mtime_ns != mtime_ns:
+            seen = self._verified[key] = _Verified(mtime_ns)
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+                self._verified[key] = seen
+        return seen
 
     def verify_blocks(self, fd: int, rec: Record, crcs: dict[int, int]) -> list[int]:
         """Check the blocks `crcs` against the data file; return the corrupted ones.
@@ -248,24 +261,22 @@ class CacheService:
         granularity: a write in the same tick as the last one would not change it."""
         mtime_ns = os.fstat(fd).st_mtime_ns
         remember = time.time_ns() - mtime_ns > RACY_NS
-        key = (rec.objid, rec.gen)
-        seen = self._verified.get(key)
-        if seen is None or seen.mtime_ns != mtime_ns or self.cfg.verify == "always":
-            seen = self._verified[key] = _Verified(mtime_ns)
-            if len(self._verified) > 100_000:
-                self._verified.clear()
-                self._verified[key] = seen
+        always = self.cfg.verify == "always"
+        seen = _Verified(mtime_ns) if always else self._seen(rec, mtime_ns)
         bad: list[int] = []
+        good: list[int] = []
         for idx, crc in crcs.items():
             if idx in seen.blocks:
                 continue
             length = rec.block_len(idx)
             data = os.pread(fd, length, idx * rec.block_size)
             if len(data) == length and block_crc(data) == crc:
-                if remember:
-                    seen.blocks.add(idx)
+                good.append(idx)
             else:
                 bad.append(idx)
+        if remember and good and not always:
+            seen.blocks.update(good)
+            self.index.note_verified(rec, mtime_ns, good)
         return bad
 
     def corrupted(self, rec: Record, blocks: list[int]) -> None:
