@@ -306,45 +306,44 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-ANALYSIS = """Where the time goes (py-spy profiles of the cache on the machine of the first
-published run, 2 vCPUs shared with wrk/curl and the other servers):
+ANALYSIS = """Where the time goes (py-spy and strace of the cache on this machine type,
+2 vCPUs shared with wrk/curl and the other servers):
 
 - The cache runs the hit benchmarks with `--revalidate-ttl 1h` (nginx and XCache never
   revalidate); with the default 60 s, every object is checked with the origin once a
   minute, which costs a burst of origin requests in a run longer than that.
+- Large hits are `sendfile` from the page cache in runs of up to 16 blocks, on a corked
+  socket (`TCP_CORK` while the body goes out, as nginx's `tcp_nopush`). Without the cork
+  the kernel sent the short segment at the end of every sendfile piece on its own and
+  the cache stayed at 1.7-2.0 GB/s where nginx did 2.4-2.7; with it, 2.3-2.5 GB/s, even
+  with nginx and close to XCache (the spread between rounds is +-15% on these vCPUs). A
+  block's checksum check is now remembered in the index for every worker, so only the
+  first hit after a miss reads the object back (that round is the slow one, about
+  1.5 GB/s). Tried and not kept: sending from a thread with blocking `poll` (nginx's
+  2 MiB pieces) instead of `loop.sendfile`: 2.5-3.1 GB/s in a standalone server, no
+  better than the event loop inside the cache.
 - Small hits: plain GETs of cached small objects are answered by the fast path
   (cache/fastpath.py: one LMDB read transaction, one write of head and body, no aiohttp
-  request machinery), about 4x the requests/s of the full aiohttp handler. With one
-  worker pinned to one core and wrk pinned to the other (`taskset`, one hot 4 KiB
-  object, `wrk -t1 -c32`), the cache answered 44,700 req/s against nginx's 65,000
-  (0.69x; the full handler alone did 10,900). In this benchmark's setting, 2 workers
-  and 2 wrk threads on the same 2 vCPUs over 10,000 distinct objects, wrk and the
-  workers compete for the cores, and each object's record is re-parsed once a second
-  (the access counts are written back to it), so the ratio is lower: the 0.6x target
-  is not met here. Each worker has its own SO_REUSEPORT socket; the kernel hashes
-  connections over them (the split is noted above).
-- Miss path: two costs, measured in session 2. First, this VM backs guest memory
-  lazily: writing 1 GiB into memory the guest never used runs at 0.44 GB/s (`dd` into a
-  new file), against 4.5 GB/s into reused memory, and the cache writes every byte of a
-  miss into new page-cache pages. Second, the worker's event loop: after 8 GiB of memory
-  had been touched once, a miss still took 3.2x the direct time, and py-spy showed the
-  loop busy all the time (receiving from the origin through aiohttp, 64-256 KiB at a
-  time, and writing to the client) while the write-behind thread (`pwritev` and crc32c)
-  was busy about a third of it. The direct path copies the bytes once (nginx
-  `sendfile`, curl reads); the cache path copies them twice more, through Python. A
-  larger aiohttp read buffer (4 MiB) was tried and was slower. Moving the origin reads
-  off the event loop (a thread with `recv_into` into reused block buffers) is the next
-  step; the 1.15x target is not met.
+  request machinery), about 4x the requests/s of the full aiohttp handler. Profile of
+  a worker under wrk: the `send` of each answer 28%, epoll 9%, the LMDB read 12%,
+  path checks 6%, the latency histogram 5%; the access counts, written back to the
+  index once a second until this run, took 24% and now, every 5 s, 6%. The Python
+  left per request (about 30 us of the 50 us a request costs a worker, against nginx's
+  15 us all told) is the gap: uvloop instead of asyncio's loop gave only 10% more, and
+  the 0.6x target is not met. Each worker has its own SO_REUSEPORT socket; the kernel
+  hashes connections over them (the split is noted above).
+- Miss path: the worker's loop receives from the origin (aiohttp, 64-256 KiB at a
+  time) and writes to the client, a write-behind thread writes the blocks (`pwritev`,
+  29% of the samples) and computes crc32c. On this host writes into the page cache run
+  at 5 GB/s (`dd`; in session 2, on another host, memory the guest had never used took
+  0.44 GB/s). The direct path is nginx's `sendfile` and curl's reads, about one core for
+  0.45 s; the cache path adds a receive, a write into the page cache and a send, about
+  one more core-second of kernel copies on the same two vCPUs, before any Python: the
+  1.15x target is not in reach of this design here (4.2x measured).
 - The same cache code measured differently on different hosts of the same VM type:
   session 1 published 34,286 small hits/s against nginx's 70,167 (0.49x), and a 3.46x
   miss; session 2, with unchanged cache code, measured 28,390 against 115,766 (0.25x) and
   5.06x.
-- Large hits are `sendfile` from the page cache, like nginx, in runs of up to 16 blocks
-  (one LMDB read and an in-memory checksum-state check between runs). The spread between
-  rounds is wide on these shared vCPUs (this cache 1.9-3.4 GB/s, nginx 2.3-3.5 GB/s over
-  the last runs), but XCache over XrdHttp was ahead of both in every recent run
-  (3.0-4.5 GB/s): "ahead of XCache" and, in some runs, 0.9x nginx are not met. Not yet
-  profiled: larger sendfile runs and fewer index reads per run are the first candidates.
 """
 
 

@@ -431,6 +431,19 @@ the cache's two workers and with other jobs):
   Per small file, py-spy puts a fifth of stashcp's time in creating the part file on
   the event loop while the cache workers hold both cores. For the large file, the one
   event loop does all the receiving (aiohttp, 64 KiB pieces) and the writing.
+- Session 4, on this host (`/usr/bin/time`, 2 GiB): curl spends 0.05 s in user space
+  and 1.1-2.2 s in the kernel (receiving, and writing into the page cache), stashcp
+  0.8-0.9 s in user space and about as much kernel time as curl; both are bound by one
+  core, so stashcp's Python is the difference. glibc gave every received piece fresh
+  memory (`mmap` above 128 KiB, the heap trimmed at once): 250,000 page faults per
+  download; stashcp now keeps freed memory for the next pieces (`mallopt`,
+  cache/client/allocator.py): 7,000 faults, about a tenth less time. A write-behind
+  thread (received pieces handed over without copies, one thread writing them in
+  order) was tried again with that change: no faster, more user time, not kept. The
+  cache's corked sends made curl faster more than stashcp (curl 3.3 -> 1.9 s, stashcp
+  5.2 -> 3.3 s). For the small files, py-spy puts 0.2 s in starting and importing
+  (aiohttp's connector alone 40 ms, its TLS contexts), then about 0.6 ms per file,
+  against 0.4 ms per file for curl with the cache's work included.
 - Tried in session 2 and not kept: the parallel ranges of a large file received in
   threads (blocking sockets, `readinto` a reused 1 MiB buffer, `pwrite`; all release
   the GIL). A standalone two-thread reader beat curl on 1 GiB in some runs (0.64-0.72 s

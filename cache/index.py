@@ -48,6 +48,9 @@ from stashflow.cache.eviction import EvictionPolicy
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+# blocks per row of the `ver` table: a row's bitmap stays small (512 bytes) however
+# large the object
+_VER_GROUP = 4096
 _F64 = struct.Struct(">d")
 _OWNER = struct.Struct(">IQd")
 _CRC = struct.Struct("<I")
@@ -228,30 +231,46 @@ class Index:
                 out[idx] = _CRC.unpack(v)[0]
         return out
 
-    def verified(self, rec: Record, mtime_ns: int) -> set[int]:
-        """Blocks of the object whose checksum some worker checked against the data file
-        while the file had modification time `mtime_ns` (see `note_verified`)."""
+    def verified(self, rec: Record, mtime_ns: int, blocks: Iterable[int]) -> set[int]:
+        """Those of `blocks` whose checksum some worker checked against the data file while
+        the file had modification time `mtime_ns` (see `note_verified`)."""
+        out: set[int] = set()
+        prefix = rec.objid + _U32.pack(rec.gen)
+        rows: dict[int, bytes | None] = {}
         with self.env.begin(db=self._ver) as txn:
-            raw = txn.get(rec.objid + _U32.pack(rec.gen))
-        if raw is None or _U64.unpack_from(raw)[0] != mtime_ns:
-            return set()
-        bits = int.from_bytes(raw[8:], "little")
-        return {i for i in range(bits.bit_length()) if bits >> i & 1}
+            for idx in blocks:
+                group, bit = divmod(idx, _VER_GROUP)
+                if group not in rows:
+                    raw = txn.get(prefix + _U32.pack(group))
+                    rows[group] = (None if raw is None or _U64.unpack_from(raw)[0] != mtime_ns
+                                   else bytes(raw[8:]))
+                bitmap = rows[group]
+                byte = bit // 8
+                if bitmap is not None and byte < len(bitmap) and bitmap[byte] >> bit % 8 & 1:
+                    out.add(idx)
+        return out
 
     def note_verified(self, rec: Record, mtime_ns: int, blocks: Iterable[int]) -> None:
         """Record that `blocks` matched their checksums in the data file version
         `mtime_ns`, for every worker and later runs: each block is then read back for
         checking once per version of the file, not once per worker process."""
-        key = rec.objid + _U32.pack(rec.gen)
+        prefix = rec.objid + _U32.pack(rec.gen)
+        groups: dict[int, list[int]] = {}
+        for idx in blocks:
+            group, bit = divmod(idx, _VER_GROUP)
+            groups.setdefault(group, []).append(bit)
         with self.env.begin(write=True, db=self._ver) as txn:
-            raw = txn.get(key)
-            bits = 0
-            if raw is not None and _U64.unpack_from(raw)[0] == mtime_ns:
-                bits = int.from_bytes(raw[8:], "little")
-            for idx in blocks:
-                bits |= 1 << idx
-            txn.put(key, _U64.pack(mtime_ns) + bits.to_bytes((bits.bit_length() + 7) // 8,
-                                                               "little"))
+            for group, bits in groups.items():
+                key = prefix + _U32.pack(group)
+                raw = txn.get(key)
+                bitmap = bytearray()
+                if raw is not None and _U64.unpack_from(raw)[0] == mtime_ns:
+                    bitmap = bytearray(raw[8:])
+                for bit in bits:
+                    if bit // 8 >= len(bitmap):
+                        bitmap.extend(bytes(bit // 8 + 1 - len(bitmap)))
+                    bitmap[bit // 8] |= 1 << bit % 8
+                txn.put(key, _U64.pack(mtime_ns) + bytes(bitmap))
 
     def inline_hit(self, key: str) -> tuple[bytes, bytes] | None:
         """(raw record, crc32c + content) of a small object, in one read transaction:

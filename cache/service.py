@@ -238,7 +238,7 @@ class CacheService:
         if all(idx in seen.blocks for idx in crcs):
             return True
         # another worker, or an earlier run, may have checked them
-        seen.blocks |= self.index.verified(rec, mtime_ns)
+        seen.blocks |= self.index.verified(rec, mtime_ns, crcs)
         return all(idx in seen.blocks for idx in crcs)
 
     def _seen(self, rec: Record, mtime_ns: int) -> _Verified:

@@ -196,21 +196,23 @@ def test_recover_recounts_usage(tmp_path: Path) -> None:
 def test_verified_blocks_are_shared_per_file_version(tmp_path: Path) -> None:
     index = _index(tmp_path)
     rec = _rec(index, "/ns/a", 3 * MiB)
-    assert index.verified(rec, 100) == set()
-    index.note_verified(rec, 100, [0, 2])
-    index.note_verified(rec, 100, [1])
+    many = [0, 1, 2, 4095, 4096, 9000]  # rows of 4096 blocks: the first three
+    assert index.verified(rec, 100, many) == set()
+    index.note_verified(rec, 100, [0, 2, 4096])
+    index.note_verified(rec, 100, [1, 9000])
     # the next process to open the index (another worker, a restart) sees them
     index.close()
     index = _index(tmp_path)
-    assert index.verified(rec, 100) == {0, 1, 2}
+    assert index.verified(rec, 100, many) == {0, 1, 2, 4096, 9000}
     # any write to the data file changes its mtime: nothing counts as checked
-    assert index.verified(rec, 101) == set()
+    assert index.verified(rec, 101, many) == set()
     index.note_verified(rec, 101, [2])
-    assert index.verified(rec, 101) == {2} and index.verified(rec, 100) == set()
+    assert index.verified(rec, 101, many) == {2}
+    assert index.verified(rec, 100, many) == {4096, 9000}  # rows not rewritten since
     # a new version of the object forgets the checks of the old one
     new = index.upsert("/ns/a", size=3 * MiB, mtime=2.0, etag=None, checksums={},
                        block_size=MiB, inline_max=0, now=5)
-    assert index.verified(rec, 101) == set() and index.verified(new, 101) == set()
+    assert index.verified(rec, 100, many) == set() and index.verified(new, 101, many) == set()
 
 
 def test_new_origin_version_drops_old_blocks(tmp_path: Path) -> None:
