@@ -252,8 +252,8 @@ class Index:
 
     def note_verified(self, rec: Record, mtime_ns: int, blocks: Iterable[int]) -> None:
         """Record that `blocks` matched their checksums in the data file version
-        `mtime_ns`, for every worker and later runs: each block is then read back for
-        checking once per version of the file, not once per worker process."""
+        `mtime_ns`, for every worker of this run of the cache: each block is then read
+        back for checking once per version of the file, not once per worker process."""
         prefix = rec.objid + _U32.pack(rec.gen)
         groups: dict[int, list[int]] = {}
         for idx in blocks:
@@ -766,6 +766,8 @@ class Index:
             stats["claims"] = int(txn.stat(self._claim)["entries"])
             txn.drop(self._claim, delete=False)
             txn.drop(self._open, delete=False)
+            # a new run checks every block again once (bit rot leaves the mtime alone)
+            txn.drop(self._ver, delete=False)
             usage = 0
             blk = txn.cursor(db=self._blk)
             for oid, raw in list(_items(txn.cursor(db=self._obj))):
