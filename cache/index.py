@@ -359,16 +359,12 @@ class Index:
         """Remove an object and all its blocks; returns the bytes freed."""
         oid = rec.objid
         freed = rec.present
-        cur = txn.cursor(db=self._blk)
-        if cur.set_range(oid):
-            while bytes(cur.key()).startswith(oid):
-                if not cur.delete():
-                    break
-        ver = txn.cursor(db=self._ver)
-        if ver.set_range(oid):
-            while bytes(ver.key()).startswith(oid):
-                if not ver.delete():
-                    break
+        for db in (self._blk, self._ver):
+            cur = txn.cursor(db=db)
+            if cur.set_range(oid):
+                while bytes(cur.key()).startswith(oid):
+                    if not cur.delete():
+                        break
         # claims of the object's current generation stay accounted to their owners,
         # who discover at commit time that the record is gone and release them
         txn.delete(oid, db=self._inl)

@@ -197,14 +197,19 @@ def names_in(column: Any, key: str) -> Any:
     return _NamesIn(column, key)
 
 
-def keys_in(scope_column: Any, name_column: Any, keys: list[tuple[str, str]]) -> Any:
-    """`(scope, name) IN keys`, written per scope as `scope = s AND name IN (...)`: both
-    databases then use the primary-key index, which a row-value IN list defeats."""
+def names_by_scope(keys: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The names of (scope, name) keys grouped by scope, in order of first appearance."""
     by_scope: dict[str, list[str]] = {}
     for scope, name in keys:
         by_scope.setdefault(scope, []).append(name)
+    return by_scope
+
+
+def keys_in(scope_column: Any, name_column: Any, keys: list[tuple[str, str]]) -> Any:
+    """`(scope, name) IN keys`, written per scope as `scope = s AND name IN (...)`: both
+    databases then use the primary-key index, which a row-value IN list defeats."""
     clauses = [and_(scope_column == scope, _NamesIn(name_column, names))
-               for scope, names in by_scope.items()]
+               for scope, names in names_by_scope(keys).items()]
     if not clauses:
         return false()
     return clauses[0] if len(clauses) == 1 else or_(*clauses)

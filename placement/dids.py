@@ -19,7 +19,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from stashflow.placement import naming
 from stashflow.placement.clock import rfc1123, utcnow
-from stashflow.placement.db import bulk_insert, keys_in, names_in
+from stashflow.placement.db import bulk_insert, keys_in, names_by_scope, names_in
 from stashflow.placement.exceptions import (
     DataIdentifierAlreadyExists,
     DataIdentifierNotFound,
@@ -356,10 +356,7 @@ def _attach_counted(session: Session, parent: DID, keys: list[tuple[str, str]]) 
 
 def _by_scope(keys: list[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
     """(scope, names) in chunks of at most CHUNK names."""
-    by_scope: dict[str, list[str]] = {}
-    for scope, name in keys:
-        by_scope.setdefault(scope, []).append(name)
-    for scope, names in by_scope.items():
+    for scope, names in names_by_scope(keys).items():
         for i in range(0, len(names), CHUNK):
             yield scope, names[i:i + CHUNK]
 
