@@ -18,6 +18,7 @@ from sqlalchemy import (
     create_engine,
     event,
     false,
+    func,
     insert,
     or_,
     text,
@@ -195,6 +196,12 @@ def names_in(column: Any, key: str) -> Any:
     """`column IN names`, the list of names bound at execution as the parameter `key`: for
     statements built once and run many times."""
     return _NamesIn(column, key)
+
+
+def each_name(key: str) -> Any:
+    """PostgreSQL: one row per name (column `name`) of the list bound at execution as the
+    parameter `key`, to be joined from."""
+    return func.unnest(bindparam(key, type_=_NameList())).table_valued("name").render_derived()
 
 
 def names_by_scope(keys: list[tuple[str, str]]) -> dict[str, list[str]]:

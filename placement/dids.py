@@ -12,14 +12,14 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, literal, select, update
+from sqlalchemy import and_, bindparam, func, insert, literal, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from stashflow.placement import naming
 from stashflow.placement.clock import rfc1123, utcnow
-from stashflow.placement.db import bulk_insert, keys_in, names_by_scope, names_in
+from stashflow.placement.db import bulk_insert, each_name, keys_in, names_by_scope, names_in
 from stashflow.placement.exceptions import (
     DataIdentifierAlreadyExists,
     DataIdentifierNotFound,
@@ -367,16 +367,29 @@ def _bound(parent: DID, scope: str, names: list[str], now: datetime) -> dict[str
 
 
 @functools.cache
-def _edges_select() -> Any:
+def _edges_select(probe: bool = False) -> Any:
     """The edges from the dataset :parent_scope/:parent_name to the files :names of scope
-    :child_scope, stamped :now."""
-    return select(bindparam("parent_scope", type_=DID.scope.type),
-                  bindparam("parent_name", type_=DID.name.type), DID.scope, DID.name,
-                  literal(DIDType.DATASET, Attachment.did_type.type), DID.did_type,
-                  DID.bytes, DID.adler32, DID.md5,
-                  bindparam("now", type_=Attachment.created_at.type)).where(
-        DID.scope == bindparam("child_scope"), names_in(DID.name, "names"),
-        DID.did_type == DIDType.FILE)
+    :child_scope, stamped :now. With `probe` (PostgreSQL), each name is looked up on its
+    own in a lateral subquery that LIMIT keeps from being merged into a join: the planner
+    then always takes the primary key, one probe per name. With `name = ANY(:names)` it
+    read every DID of the scope instead whenever its statistics were older than a bulk
+    registration (a new scope, or 10,000 files registered just before being attached):
+    a cost that grew with the scope, not with the request."""
+    parent = (bindparam("parent_scope", type_=DID.scope.type),
+              bindparam("parent_name", type_=DID.name.type))
+    kind = literal(DIDType.DATASET, Attachment.did_type.type)
+    stamp = bindparam("now", type_=Attachment.created_at.type)
+    if not probe:
+        return select(*parent, DID.scope, DID.name, kind, DID.did_type, DID.bytes,
+                      DID.adler32, DID.md5, stamp).where(
+            DID.scope == bindparam("child_scope"), names_in(DID.name, "names"),
+            DID.did_type == DIDType.FILE)
+    wanted = each_name("names")
+    file = select(DID.scope, DID.name, DID.did_type, DID.bytes, DID.adler32, DID.md5).where(
+        DID.scope == bindparam("child_scope"), DID.name == wanted.c.name,
+        DID.did_type == DIDType.FILE).limit(1).lateral("file")
+    return select(*parent, file.c.scope, file.c.name, kind, file.c.did_type, file.c.bytes,
+                  file.c.adler32, file.c.md5, stamp).select_from(wanted).join(file, true())
 
 
 @functools.cache
@@ -390,7 +403,7 @@ def _returning_statement() -> Any:
 
 @functools.cache
 def _grow_statement() -> Any:
-    added = (insert(Attachment).from_select(_EDGE_COLUMNS, _edges_select())
+    added = (insert(Attachment).from_select(_EDGE_COLUMNS, _edges_select(probe=True))
              .returning(Attachment.bytes).cte("added"))
     totals = select(func.count().label("n"),
                     func.coalesce(func.sum(added.c.bytes), 0).label("bytes")).cte("totals")
