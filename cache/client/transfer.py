@@ -18,20 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import json
 import logging
 import os
 import posixpath
 import stat
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from stashflow.cache.client import splice
 from stashflow.cache.client.discovery import (
     OSDF_FEDERATION,
     Entry,
@@ -73,6 +77,8 @@ MiB = 1024 * KiB
 PART_SUFFIX = ".stashcp-part"
 DIGEST_PREFERENCE = ("crc32c", "adler32", "md5", "sha256")
 _READ = 1 * MiB
+# Bodies from this size on are received by splice when they can be (cache/client/splice.py)
+SPLICE_MIN = 4 * MiB
 
 
 # -- options ----------------------------------------------------------------------------
@@ -102,6 +108,7 @@ class Options:
     checksum: str = "auto"  # auto | none | adler32 | md5 | crc32c | sha256
     resume: bool = True
     rate_limit: float = 0.0  # bytes/s for the whole run, 0 = unlimited
+    splice: bool = True  # large bodies over plain HTTP go socket -> file by splice(2)
     origin_fallback: bool = True
 
     _SIZES = ("chunk_size", "min_rate", "rate_limit")
@@ -149,7 +156,7 @@ class Options:
             if isinstance(value, str):
                 return [c.strip() for c in value.split(",") if c.strip()]
             return [str(c) for c in value]
-        if key in ("resume", "origin_fallback"):
+        if key in ("resume", "origin_fallback", "splice"):
             if isinstance(value, str):
                 return value.strip().lower() in ("1", "true", "yes", "on")
             return bool(value)
@@ -735,6 +742,7 @@ class Client:
         self._directors: dict[str, str] = {}
         self._collections: dict[str, str] = {}
         self._limiter = _RateLimiter(self.opts.rate_limit)
+        self._splicers: ThreadPoolExecutor | None = None
 
     # session ------------------------------------------------------------------------
 
@@ -755,6 +763,9 @@ class Client:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._splicers is not None:
+            self._splicers.shutdown(wait=False)
+            self._splicers = None
 
     async def __aenter__(self) -> Client:
         return self
@@ -1033,7 +1044,6 @@ class Client:
             headers["If-Range"] = part.etag
         session = await self.session()
         server = src.server
-        loop = asyncio.get_running_loop()
         got = 0
         try:
             async with asyncio.timeout(opts.header_timeout) as cm:
@@ -1098,39 +1108,19 @@ class Client:
                         pref = opts.checksum if opts.checksum in ALGORITHMS else "crc32c"
                         algo = offered or pref
                         part.piece_algo = algo if algo in _COMBINE else None
-                    # the body, watched for stalls
-                    window = opts.stall_window
-                    win_start = loop.time()
-                    win_bytes = 0
-                    cm.reschedule(loop.time() + window)
                     pos = offset
                     # this response's bytes are one piece of the object's checksum
                     piece = Hasher(part.piece_algo) if part.piece_algo else None
+                    spliced = self._splice_from(resp, expect)
+                    body = (
+                        self._spliced(resp, part, pos, offset + expect, piece, cm, server, *spliced)
+                        if spliced is not None
+                        else self._buffered(resp, part, pos, expect, piece, cm, server)
+                    )
                     try:
-                        async for data in resp.content.iter_any():
-                            if expect >= 0 and pos - offset + len(data) > expect:
-                                data = data[: expect - (pos - offset)]
-                            if data:
-                                part.write_batch(pos, [data], piece)
-                                part.done.add(pos, pos + len(data))
-                                pos += len(data)
-                                got += len(data)
-                                win_bytes += len(data)
-                                self.progress.add(len(data))
-                                await self._limiter.consume(len(data))
-                            now = loop.time()
-                            if now - win_start >= window:
-                                if win_bytes < opts.min_rate * (now - win_start):
-                                    raise Stalled(
-                                        obj,
-                                        f"{server} stalled: {win_bytes} bytes in "
-                                        f"{now - win_start:.1f}s",
-                                        server=server,
-                                    )
-                                win_start, win_bytes = now, 0
-                            cm.reschedule(now + window)
-                            if expect >= 0 and pos - offset >= expect:
-                                break
+                        async for n in body:
+                            pos += n
+                            got += n
                     finally:
                         if piece is not None:
                             part.add_piece(offset, pos, piece)
@@ -1155,6 +1145,148 @@ class Client:
             if got:
                 part.servers[server] = part.servers.get(server, 0) + got
                 result.transferred += got
+
+    async def _buffered(
+        self,
+        resp: aiohttp.ClientResponse,
+        part: _Part,
+        pos: int,
+        expect: int,
+        piece: Hasher | None,
+        cm: asyncio.Timeout,
+        server: str,
+    ) -> AsyncIterator[int]:
+        """Write the body of `resp` into the part file from `pos` as it arrives (at most
+        `expect` bytes; -1: until the end), watched for stalls. Yields the bytes written,
+        already recorded in `part.done` and the hashers."""
+        loop = asyncio.get_running_loop()
+        window = self.opts.stall_window
+        win_start, win_bytes = loop.time(), 0
+        cm.reschedule(win_start + window)
+        written = 0
+        async for data in resp.content.iter_any():
+            if expect >= 0 and written + len(data) > expect:
+                data = data[: expect - written]
+            if data:
+                part.write_batch(pos + written, [data], piece)
+                part.done.add(pos + written, pos + written + len(data))
+                written += len(data)
+                win_bytes += len(data)
+                self.progress.add(len(data))
+                yield len(data)
+                await self._limiter.consume(len(data))
+            now = loop.time()
+            if now - win_start >= window:
+                if win_bytes < self.opts.min_rate * (now - win_start):
+                    raise Stalled(
+                        part.source,
+                        f"{server} stalled: {win_bytes} bytes in {now - win_start:.1f}s",
+                        server=server,
+                    )
+                win_start, win_bytes = now, 0
+            cm.reschedule(now + window)
+            if expect >= 0 and written >= expect:
+                break
+
+    def _splice_from(self, resp: aiohttp.ClientResponse, expect: int) -> tuple[int, bytes] | None:
+        """(socket, bytes already buffered) when the body of `resp` can go from the socket
+        to the file by splice: Linux, plain HTTP, a large body of announced length, no
+        rate limit. The socket is then taken from aiohttp: the loop stops reading it and
+        the connection is closed after the body, never reused."""
+        opts = self.opts
+        if not (splice.AVAILABLE and opts.splice) or opts.rate_limit or expect < SPLICE_MIN:
+            return None
+        if resp.headers.get("Content-Length") != str(expect) or "chunked" in resp.headers.get(
+            "Transfer-Encoding", ""
+        ):
+            return None
+        conn = resp.connection
+        transport = conn.transport if conn is not None else None
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        # Drain what aiohttp holds, then stop the loop reading (draining may have resumed
+        # it); nothing runs in between, so no byte is read by both.
+        buffered = resp.content.read_nowait()
+        transport.pause_reading()
+        return sock.fileno(), buffered
+
+    async def _spliced(
+        self,
+        resp: aiohttp.ClientResponse,
+        part: _Part,
+        pos: int,
+        end: int,
+        piece: Hasher | None,
+        cm: asyncio.Timeout,
+        server: str,
+        sock: int,
+        buffered: bytes,
+    ) -> AsyncIterator[int]:
+        """Write the body of `resp` into the part file at `pos` (up to `end`): the bytes
+        aiohttp had buffered, then the rest by splice in a thread. Yields the bytes
+        written, already recorded in `part.done` and the hashers. A stall raises
+        Stalled; a body cut short just ends (the caller counts the bytes)."""
+        loop = asyncio.get_running_loop()
+        try:
+            buffered = buffered[: end - pos]
+            if buffered:
+                part.write_batch(pos, [buffered], piece)
+                part.done.add(pos, pos + len(buffered))
+                self.progress.add(len(buffered))
+                pos += len(buffered)
+                yield len(buffered)
+            if self._splicers is None:
+                self._splicers = ThreadPoolExecutor(
+                    self.opts.parallel_files * self.opts.parallel_chunks,
+                    thread_name_prefix="stashcp-splice",
+                )
+            stop = threading.Event()
+            job = loop.run_in_executor(
+                self._splicers,
+                functools.partial(
+                    splice.receive,
+                    sock,
+                    part.fd,
+                    pos,
+                    end - pos,
+                    window=self.opts.stall_window,
+                    min_rate=self.opts.min_rate,
+                    stop=stop,
+                    report=lambda n: loop.call_soon_threadsafe(self.progress.add, n),
+                ),
+            )
+            cm.reschedule(None)  # the thread applies the stall rule itself
+            failure: splice.Interrupted | None = None
+            try:
+                landed = await asyncio.shield(job)
+            except splice.Interrupted as e:
+                landed, failure = e.received, e
+            except OSError as e:
+                raise LocalError(
+                    str(part.dest), f"cannot write {part.path}: {e.strerror}"
+                ) from None
+            except asyncio.CancelledError:
+                # the thread must be gone before the part file can be closed
+                stop.set()
+                while not job.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([job])
+                raise
+        finally:
+            resp.close()
+        sequential = part.hasher if part.hasher is not None and part.hashed_to == pos else None
+        hashers = [h for h in (piece, sequential) if h is not None]
+        await asyncio.to_thread(splice.hash_range, part.fd, pos, landed, hashers)
+        if sequential is not None:
+            part.hashed_to += landed
+        part.done.add(pos, pos + landed)
+        log.debug("%s: %d bytes from %s by splice", part.source, landed, server)
+        yield landed
+        if failure is not None and failure.stalled:
+            raise Stalled(part.source, f"{server} stalled: {failure.reason}", server=server)
 
     def _note_meta(self, part: _Part, resp: aiohttp.ClientResponse, first: bool) -> None:
         if part.digest is None:
