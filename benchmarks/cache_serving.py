@@ -322,6 +322,17 @@ ANALYSIS = """Where the time goes (py-spy and strace of the cache on this machin
   1.5 GB/s). Tried and not kept: sending from a thread with blocking `poll` (nginx's
   2 MiB pieces) instead of `loop.sendfile`: 2.5-3.1 GB/s in a standalone server, no
   better than the event loop inside the cache.
+- Large hits against XCache on the AMD EPYC host of session 5: XCache 3.6-4.5 GB/s,
+  nginx 1.5-1.7, stashflow 1.6-2.3. A standalone server sending 1 GiB over loopback to
+  curl made 2.5-3.2 GB/s with `sendfile` and 3.8-4.2 GB/s with `pread` into a 2 MiB
+  buffer and `send` (8 alternated runs each); the cache with its copy fallback forced
+  (`pread` 1 MiB in a thread, then write) made 2.3-3.5 GB/s against 1.5-1.9 with
+  `sendfile`. So on this host a body copied from user memory reaches a loopback
+  receiver faster than page-cache pages handed over by `sendfile`, and XCache sends
+  from its RAM blocks. Not adopted: on a real network interface `sendfile` costs the
+  cache no CPU per byte, the copy costs a core-second per ~4 GB, and on the Intel host
+  of session 4 (same VM type) the cache's `sendfile` was level with XCache. The target
+  "ahead of XCache" for large hits is met or missed with the host here.
 - Small hits: plain GETs of cached small objects are answered by the fast path
   (cache/fastpath.py: one LMDB read transaction, one write of head and body, no aiohttp
   request machinery), about 4x the requests/s of the full aiohttp handler. Profile of

@@ -411,14 +411,27 @@ the cache's two workers and with other jobs):
   machinery, the failover and resume bookkeeping, the atomic part-file and rename) costs
   about 0.3-0.4 ms of CPU per file, and that CPU is taken from the two cores the cache
   workers need to serve the files. `curl --parallel` is one C process spending about
-  0.3 s of CPU for the 1,000 files; the cache, not curl, limits it.
-- One large file: the event loop is busy all the time receiving (`recv` of 256 KiB
-  pieces, aiohttp's parser copying each piece into a new `bytes`), writing into the page
-  cache and computing crc32c; curl does one copy less, and the first write into pages
-  never used before is slow in the kernel of this VM for every client. Writing from a
-  worker thread while the loop receives was tried (batches of 2 MiB, one writer thread
-  or four): the kernel time went up (allocating and faulting the batch buffers), not
-  down, and it was not kept.
+  0.3 s of CPU for the 1,000 files; the cache, not curl, limits it. Session 5: stashcp
+  1.1-2.2 s against curl --parallel's 0.5-1.1 s (alternated, same warm cache), stashcp
+  using 0.45-0.65 s user and 0.6 s system time (imports 0.25 s of it) against curl's
+  0.05-0.1 s and 0.45 s, on two cores the cache's workers need too. The target is out
+  of reach of a Python client on aiohttp here; a client whose per-file work is in C
+  (libcurl's multi interface through pycurl) is the way to close it, not attempted.
+- One large file (session 5, cache/client/splice.py): each range of 4 MiB or more over
+  plain HTTP goes from the socket into a pipe and from the pipe into the file with
+  splice(2), in a worker thread: the received pages are not copied into user space,
+  only once into the page cache, and no byte passes through Python. The checksum is
+  then computed over the written range through a read-only mapping of the page cache.
+  `/usr/bin/time` of one 2 GiB download from a warm cache on this host: stashcp 1.2-1.5 s
+  (0.4-0.5 s user, 1.0-1.4 s system) against curl 2.7-3.5 s (0.1 s user, 2.6-3.3 s
+  system); a standalone splice reader took 0.9-1.3 s with one thread or four. Before,
+  the event loop received every piece (`recv`, aiohttp's parser copying it into a new
+  `bytes`), hashed it and wrote it: two copies and the interpreter on every byte, 2.7-3.1
+  s here, never ahead of curl. Runs vary 2-3x on this VM for every client (the same
+  stashcp download took 1.4 s or 4.1 s, with 1.2 s or 5.5 s of system time), hence
+  the interleaved rounds and medians. Earlier (sessions 1-4), writing from a worker
+  thread while the loop received (batches of 2 MiB, one writer thread or four) was tried
+  and not kept: the kernel time went up (allocating and faulting the batch buffers).
 - Changed in the client for this benchmark: the checksum of a download fetched in
   parallel ranges is computed on the fly per response and the pieces are combined
   (crc32c and adler32 combine), instead of reading the whole file again after the
