@@ -375,21 +375,22 @@ def _edges_select(probe: bool = False) -> Any:
     read every DID of the scope instead whenever its statistics were older than a bulk
     registration (a new scope, or 10,000 files registered just before being attached):
     a cost that grew with the scope, not with the request."""
-    parent = (bindparam("parent_scope", type_=DID.scope.type),
-              bindparam("parent_name", type_=DID.name.type))
-    kind = literal(DIDType.DATASET, Attachment.did_type.type)
-    stamp = bindparam("now", type_=Attachment.created_at.type)
+
+    def edges(files: Any) -> Any:
+        return select(bindparam("parent_scope", type_=DID.scope.type),
+                      bindparam("parent_name", type_=DID.name.type), files.scope, files.name,
+                      literal(DIDType.DATASET, Attachment.did_type.type), files.did_type,
+                      files.bytes, files.adler32, files.md5,
+                      bindparam("now", type_=Attachment.created_at.type))
+
     if not probe:
-        return select(*parent, DID.scope, DID.name, kind, DID.did_type, DID.bytes,
-                      DID.adler32, DID.md5, stamp).where(
-            DID.scope == bindparam("child_scope"), names_in(DID.name, "names"),
-            DID.did_type == DIDType.FILE)
+        return edges(DID).where(DID.scope == bindparam("child_scope"),
+                                names_in(DID.name, "names"), DID.did_type == DIDType.FILE)
     wanted = each_name("names")
     file = select(DID.scope, DID.name, DID.did_type, DID.bytes, DID.adler32, DID.md5).where(
         DID.scope == bindparam("child_scope"), DID.name == wanted.c.name,
         DID.did_type == DIDType.FILE).limit(1).lateral("file")
-    return select(*parent, file.c.scope, file.c.name, kind, file.c.did_type, file.c.bytes,
-                  file.c.adler32, file.c.md5, stamp).select_from(wanted).join(file, true())
+    return edges(file.c).select_from(wanted).join(file, true())
 
 
 @functools.cache
