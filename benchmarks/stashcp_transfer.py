@@ -15,7 +15,8 @@ The content is os.urandom, so nothing compresses. Servers, all on 127.0.0.1:
   (root:// and XrdHttp), warmed the same way (one file at a time: XCache 5.5.3 crashes
   on many concurrent first opens), with the large file complete on its disk.
 
-Clients (one timed run each per round, rounds interleaved, the median reported):
+Clients (one timed run each per round, rounds interleaved, each round starting one
+client later than the one before, the median reported):
 
 - `stashcp -q --cache URL PATH... DIR/` (every small file in one invocation), and
   `stashcp -q --cache URL /data/large.bin DIR/large.bin`, from our cache;
@@ -345,8 +346,17 @@ def run_round(
     *,
     timed: bool,
     check_crc: bool,
+    turn: int = 0,
 ) -> None:
-    for m in methods:
+    # Each workload's clients start one place later every round: whoever runs first after
+    # the other workload (or a warm-up) meets the machine in a different state (writeback,
+    # the cache's workers), and with a fixed order that fell on the same client each time.
+    order: list[Method] = []
+    for workload in dict.fromkeys(m.workload for m in methods):
+        group = [m for m in methods if m.workload == workload]
+        shift = turn % len(group)
+        order += group[shift:] + group[:shift]
+    for m in order:
         if args.only_client and not any(s in m.key for s in args.only_client):
             continue
         out = fresh_dir(work / "out")
@@ -676,7 +686,7 @@ def run(args: argparse.Namespace, work: Path, notes: list[str]) -> list[Method]:
         run_round(methods, args, work, large_crc, timed=False, check_crc=True)
         for r in range(args.rounds):
             log(f"\nround {r + 1} of {args.rounds}")
-            run_round(methods, args, work, large_crc, timed=True, check_crc=(r == 0))
+            run_round(methods, args, work, large_crc, timed=True, check_crc=(r == 0), turn=r)
         if xcache is not None and not xcache.running:
             notes.append("XCache died during the run")
         m1 = cache.metrics()
