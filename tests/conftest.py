@@ -4,6 +4,9 @@ with the reason, and with STASHFLOW_REQUIRE_REAL=1 (CI) that skip is a failure."
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +19,22 @@ def require_real(component: str, reason: str) -> None:
     if os.environ.get("STASHFLOW_REQUIRE_REAL") == "1":
         pytest.fail(message + " (STASHFLOW_REQUIRE_REAL=1 forbids skipping)", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A small tmpfs that really fills up (`size=12m` unless parametrised with other
+    mount options, e.g. `nr_inodes`)."""
+    options = getattr(request, "param", "size=12m")
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        require_real("tmpfs", "mounting a small filesystem needs root")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        require_real("tmpfs", f"mount failed: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cache.harness import CacheProcess
-from tests.conftest import require_real
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    options = getattr(request, "param", "size=12m")
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        require_real("tmpfs", "mounting a small filesystem needs root")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        require_real("tmpfs", f"mount failed: {out.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_streams_from_origin(tmp_path: Path, small_fs: Path) -> None:

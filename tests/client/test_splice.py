@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stashflow.cache.client import splice
-from stashflow.cache.client.errors import EXIT_OK
+from stashflow.cache.client.errors import EXIT_OK, EXIT_PERMANENT
 from stashflow.integration.checksums import Hasher
 from tests.cache.harness import CacheProcess
 from tests.client.conftest import MiB, stashcp
@@ -209,6 +209,24 @@ def test_a_cache_failing_mid_body_is_left_for_the_next(
     assert re.search(rf"\d+ bytes from {re.escape(bad)} by splice", r.stderr)
     if mode == "stall":
         assert "stalled" in r.stderr
+
+
+@pytest.mark.parametrize("small_fs", ["size=4m"], indirect=True)
+def test_a_full_disk_is_a_local_error_and_leaves_no_destination(
+    cache: CacheProcess, small_fs: Path
+) -> None:
+    """24 MiB into a 4 MiB filesystem: the splice of the first 8 MiB range into the file
+    fails with ENOSPC, which is the local disk's fault (exit 13, not retried on other
+    caches), said in one line."""
+    r = stashcp("--json", "--cache", cache.url, "--chunk-size", "8MiB", "/ns/big.bin",
+                str(small_fs))  # fmt: skip
+    assert r.code == EXIT_PERMANENT, r.stderr
+    t = r.json()["transfers"][0]
+    assert not t["ok"] and "No space left on device" in t["error"]
+    assert t["attempts"] == [] or all(a["server"] == cache.url for a in t["attempts"])
+    assert not (small_fs / "big.bin").exists()
+    line = [ln for ln in r.stderr.splitlines() if "big.bin" in ln]
+    assert len(line) == 1 and "No space left on device" in line[0]
 
 
 def _crc32c(data: bytes) -> str:
