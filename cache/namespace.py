@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -9,6 +10,9 @@ from stashflow.integration.storage import Storage, open_storage
 
 MAX_PATH = 4096
 MAX_SEGMENT = 255
+# one regular-expression scan: a generator over the characters took over half of the
+# time of checking a path, which every request does
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadPath(ValueError):
@@ -27,7 +31,7 @@ def clean_path(raw_path: str, decoded_path: str) -> str:
             raise BadPath("path must be absolute")
     if len(decoded_path.encode()) > MAX_PATH:
         raise BadPath(f"path longer than {MAX_PATH} bytes")
-    if any(ord(c) < 32 or c == "\x7f" for c in decoded_path):
+    if _CONTROL.search(decoded_path):
         raise BadPath("path contains NUL or control characters")
     if decoded_path.endswith("/"):
         raise BadPath("path ends with '/': a directory is not an object")
