@@ -1,6 +1,6 @@
 """Large bodies received by splice(2): the receiving loop on a socket pair, the checksum
-over the written range, and `stashcp` through a real cache and through caches that cut
-a body short or stall in the middle of it."""
+over the written range, which responses are spliced, and `stashcp` through a real cache
+and through caches that cut a body short or stall in the middle of it."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from stashflow.cache.client import splice
 from stashflow.cache.client.errors import EXIT_OK, EXIT_PERMANENT
+from stashflow.cache.client.transfer import Client, Options
 from stashflow.integration.checksums import Hasher
 from tests.cache.harness import CacheProcess
 from tests.client.conftest import MiB, stashcp
@@ -120,6 +121,67 @@ def test_range_checksum_matches_the_bytes(tmp_path: Path, algorithm: str) -> Non
     finally:
         os.close(fd)
     assert got.hexdigest() == expected.hexdigest()
+
+
+class _Transport:
+    def __init__(self, sock: socket.socket, tls: bool) -> None:
+        self.extra = {"socket": sock, "ssl_object": object() if tls else None}
+        self.paused = False
+
+    def get_extra_info(self, name: str) -> object:
+        return self.extra.get(name)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+
+class _Content:
+    def read_nowait(self) -> bytes:
+        return b"head of the body"
+
+
+class _Response:
+    """What `_splice_from` looks at in an aiohttp response."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        tls: bool = False,
+        length: int = 8 * MiB,
+        chunked: bool = False,
+    ) -> None:
+        self.headers = {"Content-Length": str(length)}
+        if chunked:
+            self.headers["Transfer-Encoding"] = "chunked"
+        self.connection = type("Conn", (), {"transport": _Transport(sock, tls)})()
+        self.content = _Content()
+
+
+@pytest.mark.parametrize(
+    ("case", "options", "spliced"),
+    [
+        ({}, {}, True),
+        ({"tls": True}, {}, False),  # HTTPS: the bytes on the socket are encrypted
+        ({"chunked": True}, {}, False),
+        ({"length": 7 * MiB}, {}, False),  # Content-Length is not the range asked for
+        ({}, {"rate_limit": float(MiB)}, False),  # the limiter paces the buffered path
+        ({}, {"splice": False}, False),
+    ],
+)
+def test_which_bodies_are_spliced(case: dict, options: dict, spliced: bool) -> None:
+    client = Client(Options(**options))
+    with pair() as (_sender, receiver):
+        resp = _Response(receiver, **case)
+        got = client._splice_from(resp, 8 * MiB)  # type: ignore[arg-type]
+        transport = resp.connection.transport
+        if spliced:
+            assert got == (receiver.fileno(), b"head of the body") and transport.paused
+        else:
+            assert got is None and not transport.paused
+    # a small body never is
+    with pair() as (_sender, receiver):
+        assert Client(Options())._splice_from(_Response(receiver, length=MiB), MiB) is None  # type: ignore[arg-type]
 
 
 # --- stashcp through real and misbehaving caches ------------------------------------
