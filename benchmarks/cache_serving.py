@@ -351,6 +351,13 @@ ANALYSIS = """Where the time goes (py-spy and strace of the cache on this machin
   0.45 s; the cache path adds a receive, a write into the page cache and a send, about
   one more core-second of kernel copies on the same two vCPUs, before any Python: the
   1.15x target is not in reach of this design here (4.2x measured).
+- A bound for any design, measured in session 5 on the AMD host (2.41x there): a
+  standalone relay that moves 1 GiB from a sendfile origin to curl with splice(2) only
+  (socket -> pipe -> socket, no user-space copy, nothing stored) took 0.55-0.67 s against
+  0.32-0.39 s direct (1.7x); with tee(2) and a splice into a file (what a cache must
+  keep) 0.74-1.2 s (2.2-2.6x). Origin, relay and client share the two vCPUs, so the
+  relay's work is not hidden behind the others: the 1.15x target cannot be met here by
+  a cache that relays, whatever it does in user space.
 - The same cache code measured differently on different hosts of the same VM type:
   session 1 published 34,286 small hits/s against nginx's 70,167 (0.49x), and a 3.46x
   miss; session 2, with unchanged cache code, measured 28,390 against 115,766 (0.25x) and
