@@ -439,7 +439,11 @@ the cache's two workers and with other jobs):
   `bytes`), hashed it and wrote it: two copies and the interpreter on every byte, 2.7-3.1
   s here, never ahead of curl. Runs vary 2-3x on this VM for every client (the same
   stashcp download took 1.4 s or 4.1 s, with 1.2 s or 5.5 s of system time), hence
-  the interleaved rounds and medians. Earlier (sessions 1-4), writing from a worker
+  the interleaved, rotated rounds and medians. The slow runs follow other work that
+  churned memory: on a served setup, 2 GiB took 5.7 s first (7.3 s of system time),
+  1.4 s right after, 3.1 s after 1,000 curl processes and 2.7 s after stashcp of the
+  small files; the extra time is in the kernel, giving the file new page-cache pages,
+  and curl pays it too when it goes first. Earlier (sessions 1-4), writing from a worker
   thread while the loop received (batches of 2 MiB, one writer thread or four) was tried
   and not kept: the kernel time went up (allocating and faulting the batch buffers).
 - Changed in the client for this benchmark: the checksum of a download fetched in
