@@ -160,6 +160,19 @@ class EvictionResult:
     files: list[Path] = field(default_factory=list)
 
 
+def _ver_key(rec: Record, group: int) -> bytes:
+    """Key of a `ver` row: object id, generation, group of _VER_GROUP blocks."""
+    return rec.objid + _U32.pack(rec.gen) + _U32.pack(group)
+
+
+def _ver_bitmap(raw: bytes | None, mtime_ns: int) -> bytes:
+    """The verified-blocks bitmap of a `ver` row, empty unless the row was written for
+    the data file's current version (modification time `mtime_ns`)."""
+    if raw is None or _U64.unpack_from(raw)[0] != mtime_ns:
+        return b""
+    return bytes(raw[8:])
+
+
 class Index:
     def __init__(
         self,
@@ -235,18 +248,15 @@ class Index:
         """Those of `blocks` whose checksum some worker checked against the data file while
         the file had modification time `mtime_ns` (see `note_verified`)."""
         out: set[int] = set()
-        prefix = rec.objid + _U32.pack(rec.gen)
-        rows: dict[int, bytes | None] = {}
+        rows: dict[int, bytes] = {}
         with self.env.begin(db=self._ver) as txn:
             for idx in blocks:
                 group, bit = divmod(idx, _VER_GROUP)
                 if group not in rows:
-                    raw = txn.get(prefix + _U32.pack(group))
-                    rows[group] = (None if raw is None or _U64.unpack_from(raw)[0] != mtime_ns
-                                   else bytes(raw[8:]))
+                    rows[group] = _ver_bitmap(txn.get(_ver_key(rec, group)), mtime_ns)
                 bitmap = rows[group]
                 byte = bit // 8
-                if bitmap is not None and byte < len(bitmap) and bitmap[byte] >> bit % 8 & 1:
+                if byte < len(bitmap) and bitmap[byte] >> bit % 8 & 1:
                     out.add(idx)
         return out
 
@@ -254,18 +264,14 @@ class Index:
         """Record that `blocks` matched their checksums in the data file version
         `mtime_ns`, for every worker of this run of the cache: each block is then read
         back for checking once per version of the file, not once per worker process."""
-        prefix = rec.objid + _U32.pack(rec.gen)
         groups: dict[int, list[int]] = {}
         for idx in blocks:
             group, bit = divmod(idx, _VER_GROUP)
             groups.setdefault(group, []).append(bit)
         with self.env.begin(write=True, db=self._ver) as txn:
             for group, bits in groups.items():
-                key = prefix + _U32.pack(group)
-                raw = txn.get(key)
-                bitmap = bytearray()
-                if raw is not None and _U64.unpack_from(raw)[0] == mtime_ns:
-                    bitmap = bytearray(raw[8:])
+                key = _ver_key(rec, group)
+                bitmap = bytearray(_ver_bitmap(txn.get(key), mtime_ns))
                 for bit in bits:
                     if bit // 8 >= len(bitmap):
                         bitmap.extend(bytes(bit // 8 + 1 - len(bitmap)))

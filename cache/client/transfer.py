@@ -648,8 +648,9 @@ class _Part:
         self.pieces = []
         os.ftruncate(self.fd, 0)
 
-    def write(self, offset: int, data: bytes) -> None:
-        self.write_batch(offset, [data], None)
+    def store(self, offset: int, data: bytes, piece: Hasher | None) -> None:
+        """Write `data` at `offset`, feed the hashers and record the range as held."""
+        self.write_batch(offset, [data], piece)
         self.done.add(offset, offset + len(data))
 
     def write_batch(self, offset: int, bufs: list[bytes], piece: Hasher | None) -> None:
@@ -1168,8 +1169,7 @@ class Client:
             if expect >= 0 and written + len(data) > expect:
                 data = data[: expect - written]
             if data:
-                part.write_batch(pos + written, [data], piece)
-                part.done.add(pos + written, pos + written + len(data))
+                part.store(pos + written, data, piece)
                 written += len(data)
                 win_bytes += len(data)
                 self.progress.add(len(data))
@@ -1233,8 +1233,7 @@ class Client:
         try:
             buffered = buffered[: end - pos]
             if buffered:
-                part.write_batch(pos, [buffered], piece)
-                part.done.add(pos, pos + len(buffered))
+                part.store(pos, buffered, piece)
                 self.progress.add(len(buffered))
                 pos += len(buffered)
                 yield len(buffered)
