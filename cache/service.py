@@ -34,11 +34,6 @@ from stashflow.integration.tokens import (
 log = logging.getLogger("stashflow.cache")
 # file timestamps have a granularity (a kernel tick; a second on some filesystems)
 RACY_NS = 1_000_000_000
-# Seconds between writes of the batched access counts to the index. Each write re-ranks
-# every object read since the last one (a record decoded and encoded again): with
-# 10,000 small objects read over and over, once a second took a quarter of a worker's
-# time. Eviction order lags by this much, which matters little at cache scale.
-ACCESS_FLUSH_INTERVAL = 5.0
 
 
 class OriginTimeout(Exception):
@@ -452,7 +447,7 @@ class CacheService:
             full = self._wake.is_set()
             self._wake.clear()
             try:
-                if full or time.monotonic() - last_flush >= ACCESS_FLUSH_INTERVAL:
+                if full or time.monotonic() - last_flush >= self.cfg.access_flush:
                     # before evicting, so that recent reads count in the order
                     await asyncio.to_thread(self.flush_accesses)
                     last_flush = time.monotonic()

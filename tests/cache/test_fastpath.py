@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from stashflow.cache.service import ACCESS_FLUSH_INTERVAL
 from tests.cache.harness import CacheProcess
 
 
@@ -43,7 +42,8 @@ def cache(tmp_path: Path):  # type: ignore[no-untyped-def]
     (src / "a.txt").write_bytes(b"alpha " * 100)
     (src / "b.txt").write_bytes(os.urandom(5000))
     with CacheProcess(tmp_path / "c", {"/ns": f"file://{src}"},
-                      extra=["--revalidate-ttl", "1s"]) as c:
+                      extra=["--revalidate-ttl", "1s"],
+                      env={"STASHFLOW_CACHE_ACCESS_FLUSH": "1s"}) as c:
         c.src = src  # type: ignore[attr-defined]
         yield c
 
@@ -116,9 +116,9 @@ def test_fast_hits_are_counted(cache: CacheProcess) -> None:
             assert _read_response(s, buf)[1]["x-stashflow-cache"] == "hit"
     time.sleep(0.8)  # counts are added to the shared counters every half second
     assert cache.metrics()["stashflow_cache_hits_total"] >= before + 20
-    # access counts reach the index within ACCESS_FLUSH_INTERVAL (at once from the
-    # worker that answers the listing)
-    deadline = time.monotonic() + ACCESS_FLUSH_INTERVAL + 2
+    # access counts reach the index within access_flush (at once from the worker that
+    # answers the listing)
+    deadline = time.monotonic() + 1 + 2
     while True:
         hits = {o["path"]: o["hits"] for o in cache.admin("objects").json()["objects"]}
         if hits["/ns/a.txt"] >= 20 or time.monotonic() > deadline:
