@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
+import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -19,6 +22,60 @@ import time
 from stashflow.cache.config import CacheConfig
 
 log = logging.getLogger("stashflow.cache")
+
+
+LOCK_FILE = "stashflow-cache.lock"
+_PR_SET_PDEATHSIG = 1
+
+
+def _lock_directory(cfg: CacheConfig) -> int:
+    """Hold an exclusive lock on the cache directory for as long as this cache or any of
+    its workers lives (forked workers share the lock): a second cache on the same
+    directory would recover the index under the first one's feet, dropping the fetches
+    its workers have in flight."""
+    path = cfg.directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(
+            f"stashflow cache: {cfg.directory} is in use by another cache (pid {holder}); "
+            f"stop it first, or give another --dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _check_port_free(cfg: CacheConfig) -> None:
+    """Our own sockets all set SO_REUSEPORT, which would also let a second cache (same
+    user) bind the port and silently take half the connections. A plain bind fails
+    while any socket holds the port."""
+    host, port = cfg.host_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise SystemExit(
+                f"stashflow cache: cannot listen on {cfg.listen}: {e.strerror} "
+                f"(another server holds the port)"
+            ) from None
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor is gone (kill -9) must not go on serving unsupervised:
+    SIGTERM it when the parent dies (Linux), and exit now if that already happened."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _bind(cfg: CacheConfig, *, listen: bool) -> socket.socket:
@@ -123,6 +180,8 @@ def serve(cfg: CacheConfig) -> None:
         finally:
             index.close()
 
+    lock = _lock_directory(cfg)
+    _check_port_free(cfg)
     stats = with_index("recover")
     log.info("index recovered: %s", stats)
     # held (bound, not listening) for the supervisor's lifetime: the port is checked
@@ -137,14 +196,18 @@ def serve(cfg: CacheConfig) -> None:
     if cfg.workers <= 1:
         asyncio.run(_run_worker(cfg))
         reserved.close()
+        os.close(lock)
         return
 
     children: dict[int, float] = {}
     stopping = False
 
+    supervisor = os.getpid()
+
     def spawn() -> None:
         pid = os.fork()
         if pid == 0:
+            _die_with_parent(supervisor)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             reserved.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stashflow.integration.servers import free_port
 from tests.cache.harness import CacheProcess, request
 
 MiB = 1 << 20
@@ -213,3 +215,60 @@ def test_dead_worker_is_replaced(tmp_path: Path, files: Path) -> None:
         for i in range(6):
             assert c.get(f"/ns/f{i:02d}.bin").status == 200
         assert "died" in c.log.read_text()
+
+
+def test_a_second_cache_on_the_same_directory_or_port_is_refused(
+    tmp_path: Path, files: Path
+) -> None:
+    import subprocess
+    import sys
+
+    def second(directory: Path, port: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stashflow.integration.cli", "cache", "serve",
+             "--listen", f"127.0.0.1:{port}", "--dir", str(directory), "--size", "1GiB",
+             "--origin", f"/ns=file://{files}"],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, workers=2) as first:
+        assert first.get("/ns/f00.bin").status == 200
+        # same directory, another port: it would recover the index under the first one
+        refused = second(tmp_path / "c", free_port())
+        assert refused.returncode != 0
+        assert f"{tmp_path / 'c'} is in use by another cache (pid {first.proc.pid})" in (
+            refused.stderr
+        )
+        # another directory, same port: SO_REUSEPORT must not let it share the port
+        refused = second(tmp_path / "d", first.port)
+        assert refused.returncode != 0
+        assert "cannot listen on" in refused.stderr and "another server holds" in refused.stderr
+        # the first cache kept its index and answers every request
+        for _ in range(8):
+            assert first.get("/ns/f00.bin").headers["x-stashflow-cache"] == "hit"
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, files: Path) -> None:
+    import signal
+
+    from tests.cache.harness import _children
+
+    c = CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, workers=2).start()
+    try:
+        assert c.proc is not None
+        workers = _children(c.proc.pid)
+        assert len(workers) == 2
+        os.kill(c.proc.pid, signal.SIGKILL)
+        c.proc.wait()
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{pid}") for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            for pid in workers:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+        # nothing holds the directory or the port any more: a new cache starts there
+        with CacheProcess(tmp_path / "c", {"/ns": f"file://{files}"}, port=c.port) as again:
+            assert again.get("/ns/f01.bin").status == 200
+    finally:
+        c.stop()
