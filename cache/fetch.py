@@ -353,10 +353,16 @@ class Fetcher:
             rest = blocks[done:]
             if rest:
                 await asyncio.to_thread(self.index.release, rec, rest)
+            failed = not isinstance(e, CacheFull | ObjectGone | asyncio.CancelledError)
+            if done and failed and not rec.inline:
+                # the origin did not deliver the run it promised (cut short, gone,
+                # stalled, failed): none of it stays cached, not even the blocks that
+                # arrived whole, since the object may have changed under the transfer
+                await asyncio.to_thread(self._forget, rec, blocks[:done])
             if isinstance(e, NotFound | Corrupt):
                 # the origin's object is not what the record says any more
                 self.index.mark_stale(rec.key)
-            if not isinstance(e, CacheFull | ObjectGone | asyncio.CancelledError):
+            if failed:
                 kind = type(e).__name__
                 metrics.ORIGIN_ERRORS.labels(origin, kind).inc()
                 log.warning(
@@ -376,6 +382,10 @@ class Fetcher:
                 )
             if isinstance(e, asyncio.CancelledError):
                 raise
+
+    def _forget(self, rec: Record, blocks: list[int]) -> None:
+        for idx in blocks:
+            self.index.drop_block(rec, idx)
 
     def _store(self, rec: Record, batch: list[tuple[int, list[Buffer]]]) -> bool:
         """In a thread: write blocks, checksum them and commit them to the index."""
