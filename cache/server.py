@@ -140,12 +140,16 @@ class ObjectHandler:
         want = request.headers.get("Want-Digest")
         if want:
             # A GET of a large object does not wait for a checksum nobody has yet (it
-            # would need the whole object before the first byte): it is computed in
-            # the background, and a HEAD, or any later request, gets it.
+            # would need the whole object before the first byte): the origin is asked
+            # for its own, and failing that it is computed in the background for a GET
+            # of the whole object (which fetches all of it anyway), never for a range
+            # (a 1% read must not pull in the rest); a HEAD, or a later request, gets it.
             wait = request.method == "HEAD" or rec.inline
             for algorithm in parse_want_digest(want):
                 try:
-                    value = await self.svc.checksum(ns, rec, algorithm, wait=wait)
+                    value = await self.svc.checksum(
+                        ns, rec, algorithm, wait=wait, compute=ranges is None
+                    )
                 except (StorageError, CacheFull, ObjectGone, Stalled) as e:
                     log.warning("checksum %s of %s failed: %s", algorithm, key, e)
                     continue

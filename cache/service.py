@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,7 +76,8 @@ class CacheService:
         self.fetcher = Fetcher(self.index, cfg, self.admission)
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[Record]] = {}
-        self._checksums: dict[tuple[bytes, int, str], asyncio.Future[str]] = {}
+        self._checksums: dict[tuple[bytes, int, str], asyncio.Task[Any]] = {}
+        self._origin_checksums: dict[tuple[bytes, int, str], asyncio.Task[Any]] = {}
         self._accesses: dict[bytes, tuple[int, float]] = {}
         self._verified: dict[tuple[bytes, int], _Verified] = {}
         self._background: list[asyncio.Task[None]] = []
@@ -305,36 +307,59 @@ class CacheService:
     # -- checksums --------------------------------------------------------------------
 
     async def checksum(
-        self, ns: Namespace, rec: Record, algorithm: str, *, wait: bool = True
+        self, ns: Namespace, rec: Record, algorithm: str, *, wait: bool = True,
+        compute: bool = True,
     ) -> str | None:
         """The object's checksum: known, from the origin's server-side checksum, or
         computed once from the cached data (fetching what is missing). Without `wait`,
-        a computation that is needed runs in the background and None is returned."""
+        only the origin is asked (within `origin_timeout`); a computation that is still
+        needed then runs in the background if `compute`, and None is returned."""
         known = rec.checksums.get(algorithm)
         if known:
             return known
         key = (rec.objid, rec.gen, algorithm)
-        task = self._checksums.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._checksum(ns, rec, algorithm))
-            self._checksums[key] = task
-            task.add_done_callback(lambda t: self._checksums.pop(key, None))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if not wait:
+            value = await asyncio.shield(self._shared(self._origin_checksums, key,
+                                                      self._origin_checksum(ns, rec, algorithm)))
+            if value is not None or not compute:
+                return value
+        task = self._shared(self._checksums, key, self._checksum(ns, rec, algorithm))
         if wait:
             return await asyncio.shield(task)
         return None
 
-    async def _checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
+    @staticmethod
+    def _shared(tasks: dict[Any, asyncio.Task[Any]], key: Any,
+                work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """One task per key for concurrent requests; forgotten once done."""
+        task = tasks.get(key)
+        if task is not None:
+            work.close()
+            return task
+        task = tasks[key] = asyncio.ensure_future(work)
+        task.add_done_callback(lambda t: tasks.pop(key, None))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _origin_checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str | None:
         rel = ns.relative(rec.key)
-        value: str | None = None
         try:
             async with asyncio.timeout(self.cfg.origin_timeout):
                 value = await ns.storage.server_checksum(rel, algorithm)
         except (StorageError, TimeoutError) as e:
-            log.info("origin checksum of %s unavailable (%s); computing it", rec.key, e)
+            log.info("origin checksum of %s unavailable (%s)", rec.key, e)
+            return None
+        if value is not None:
+            await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
+        return value
+
+    async def _checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
+        key = (rec.objid, rec.gen, algorithm)
+        value = await asyncio.shield(self._shared(self._origin_checksums, key,
+                                                  self._origin_checksum(ns, rec, algorithm)))
         if value is None:
             value = await self._compute_checksum(ns, rec, algorithm)
-        await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
+            await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
         return value
 
     async def _compute_checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:

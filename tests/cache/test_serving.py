@@ -303,3 +303,39 @@ def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert "invalid size 'lots'" in out.stderr
+
+
+def test_ranged_get_with_want_digest_takes_the_origins_checksum_and_fetches_only_the_range(
+    tmp_path: Path,
+) -> None:
+    from tests.origin.harness import OriginProcess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(48 << 20)
+    (src / "big.bin").write_bytes(data)
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    with (
+        OriginProcess(["--export", f"/ns=file://{src}", "--public"], tmp_path) as our_origin,
+        CacheProcess(tmp_path / "c", {"/ns": f"{our_origin.url}/ns"}) as c,
+    ):
+        r = c.get("/ns/big.bin", {"Range": "bytes=0-4095", "Want-Digest": "sha-256"})
+        assert r.status == 206 and r.body == data[:4096]
+        # the origin computes sha-256 server-side: the ranged GET carries it at once
+        assert r.headers["digest"] == f"sha-256={sha}"
+        # a HEAD gets the checksum remembered from the origin's answer
+        head = c.get("/ns/big.bin", {"Want-Digest": "sha-256"}, method="HEAD")
+        assert head.headers["digest"] == f"sha-256={sha}"
+    # a posix origin has no server-side checksum: a ranged GET gets no Digest, and no
+    # computation in the background pulls in the rest of the object
+    with CacheProcess(tmp_path / "d", {"/ns": f"file://{src}"}) as c:
+        r = c.get("/ns/big.bin", {"Range": "bytes=0-4095", "Want-Digest": "adler32"})
+        assert r.status == 206 and r.body == data[:4096] and "digest" not in r.headers
+        time.sleep(1.5)
+        objects = {o["path"]: o for o in c.admin("objects").json()["objects"]}
+        # the first block, a window and read-ahead at most, not the 48 MiB
+        assert objects["/ns/big.bin"]["cached_bytes"] <= 24 << 20
+        assert c.metrics()["stashflow_cache_origin_bytes_total"] <= 24 << 20
+        # a HEAD waits for the computation
+        head = c.get("/ns/big.bin", {"Want-Digest": "adler32"}, method="HEAD")
+        assert head.headers["digest"] == f"adler32={zlib.adler32(data):08x}"
