@@ -94,6 +94,12 @@ class CacheConfig:
     def build(cls, file_values: dict[str, Any], flags: dict[str, Any]) -> CacheConfig:
         """Merge TOML/env values with command-line flags (flags win when given)."""
         values: dict[str, Any] = dict(file_values)
+        # STASHFLOW_CACHE_URL is where the admin commands (cache stats, pin, evict...)
+        # find a running cache; it shares the prefix but is not a setting of the server
+        values.pop("url", None)
+        for key in ("origins", "origin", "issuers", "issuer", "protected"):
+            if isinstance(values.get(key), str):  # from the environment: comma-separated
+                values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
         for key, value in flags.items():
             if value is not None and value != () and value != []:
                 values[key] = value

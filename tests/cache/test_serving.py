@@ -281,6 +281,21 @@ def test_config_file_and_env_override(tmp_path: Path) -> None:
         assert c.get("/ns/x").body == b"x" * 10
 
 
+def test_origins_from_the_environment_and_the_admin_url_variable(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "x").write_bytes(d.name.encode() * 10)
+    env = {
+        "STASHFLOW_CACHE_ORIGINS": f"/one=file://{a}, /two=file://{b}",
+        # the admin commands' variable, set in the same shell: not a server setting
+        "STASHFLOW_CACHE_URL": "http://127.0.0.1:1",
+    }
+    with CacheProcess(tmp_path / "c", {}, env=env) as c:
+        assert c.get("/one/x").body == b"a" * 10
+        assert c.get("/two/x").body == b"b" * 10
+
+
 def test_bad_configuration_is_one_clear_line(tmp_path: Path) -> None:
     import sys
 
