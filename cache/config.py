@@ -32,7 +32,8 @@ class CacheConfig:
     # Each write re-ranks every object read since the last one (a record decoded and
     # encoded again): with 10,000 small objects read over and over, every 5 s took 12%
     # of a worker's time, every second a quarter. The eviction order lags by this much,
-    # which matters little at cache scale; a worker about to evict writes its own first.
+    # which matters little at cache scale; a worker starting a watermark eviction pass
+    # writes its own first (evictions made room for a fetch use the order as it is).
     access_flush: float = 15.0
     origin_timeout: float = 30.0  # connect / metadata requests to an origin
     origin_concurrency: int = 16  # concurrent fetches per origin and worker

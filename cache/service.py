@@ -429,6 +429,8 @@ class CacheService:
         usage = self.index.usage()
         state = "ok"
         if usage > self.cfg.high_watermark * self.cfg.size:
+            # this worker's recent reads count in the order before anything is chosen
+            self.flush_accesses()
             need = int(usage - self.cfg.low_watermark * self.cfg.size)
             result = self.index.evict(need)
             metrics.EVICTIONS.inc(result.objects)

@@ -272,3 +272,26 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, files: Path)
             assert again.get("/ns/f01.bin").status == 200
     finally:
         c.stop()
+
+
+def test_watermark_pass_keeps_the_reread_objects_with_lfuda(tmp_path: Path, files: Path) -> None:
+    # 20 MiB quota, evict from 80% down to 50%; the default policy (lfuda)
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{files}"}, size="20MiB",
+        extra=["--high-watermark", "80%", "--low-watermark", "50%"],
+    ) as c:
+        for _ in range(10):  # the working set: read over and over
+            for hot in ("f00", "f01"):
+                assert c.get(f"/ns/{hot}.bin").status == 200
+        for i in range(2, 9):  # a one-off scan: 14 MiB more, 18 MiB in all (> 16 MiB)
+            assert c.get(f"/ns/f{i:02d}.bin").status == 200
+        # no fetch needed room (18 < 20 MiB): the once-a-second housekeeping evicts,
+        # with this worker's hit counts written first (they are not due for 15 s)
+        deadline = time.monotonic() + 10
+        while c.admin("stats").json()["usage_bytes"] > 10 * MiB:
+            assert time.monotonic() < deadline, c.admin("stats").json()
+            time.sleep(0.2)
+        cached = {o["path"] for o in c.admin("objects").json()["objects"]}
+        assert {"/ns/f00.bin", "/ns/f01.bin"} <= cached
+        assert len(cached) <= 5  # 10 MiB of 2 MiB objects
+        assert c.metrics()["stashflow_cache_evictions_total"] >= 4
