@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -108,7 +109,7 @@ class ObjectHandler:
                 cause=e.reason,
             )
         except OriginTimeout as e:
-            return error(504, str(e), path=key, origin=ns.origin_url)
+            return error(504, str(e), path=key, origin=ns.origin_url, cause="timeout")
 
         etag = validators.etag(rec.size, rec.mtime, rec.etag)
         headers = {
@@ -168,9 +169,9 @@ class ObjectHandler:
         except NotFound as e:
             return error(404, f"{key} vanished from the origin", path=key, cause=e.reason)
         except Stalled as e:
-            return error(504, str(e), path=key, origin=ns.origin_url)
+            return error(504, str(e), path=key, origin=ns.origin_url, cause="stalled")
         except OriginTimeout as e:
-            return error(504, str(e), path=key, origin=ns.origin_url)
+            return error(504, str(e), path=key, origin=ns.origin_url, cause="timeout")
         except StorageError as e:
             return error(
                 502,
@@ -553,7 +554,8 @@ async def _cut_on_late_error(request: web.Request, handler: Any) -> web.StreamRe
 
 def _admin_allowed(request: web.Request, cfg: CacheConfig) -> bool:
     if cfg.admin_token:
-        return request.headers.get("Authorization", "") == f"Bearer {cfg.admin_token}"
+        given = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {cfg.admin_token}".encode())
     peer = request.remote or ""
     try:
         return ipaddress.ip_address(peer).is_loopback
@@ -634,8 +636,14 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
                 return error(404, f"no namespace serves {path}")
             try:
                 await service.lookup(ns, path)
+            except NotFound as e:
+                return error(404, f"cannot pin {path}: {e.reason}", path=path, cause=e.reason)
+            except OriginTimeout as e:
+                return error(504, f"cannot pin {path}: {e}", path=path,
+                             origin=ns.origin_url, cause="timeout")
             except StorageError as e:
-                return error(404, f"cannot pin {path}: {e.reason}")
+                return error(502, f"cannot pin {path}: origin {ns.origin_url} failed: "
+                             f"{e.reason}", path=path, origin=ns.origin_url, cause=e.reason)
             rec = await asyncio.to_thread(service.index.set_pinned, path, True)
         if rec is None:
             return error(404, f"{path} is not in the cache")
@@ -650,8 +658,12 @@ def admin_routes(service: CacheService) -> list[web.RouteDef]:
                 service.index.remove, lambda r: r.key == path, force=force
             )
         elif isinstance(prefix, str) and prefix.startswith("/"):
+            # whole path segments: /ns/run1 purges /ns/run1 and /ns/run1/..., not /ns/run10
+            top = prefix.rstrip("/")
             result = await asyncio.to_thread(
-                service.index.remove, lambda r: r.key.startswith(prefix), force=force
+                service.index.remove,
+                lambda r: r.key == top or r.key.startswith(top + "/"),
+                force=force,
             )
         else:
             return error(400, 'give {"path": "/ns/file"} or {"prefix": "/ns/dir/"}')

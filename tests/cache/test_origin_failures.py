@@ -174,3 +174,23 @@ def test_overload_answer_has_retry_after(tmp_path: Path, origin: MisbehavingOrig
             t.join()
         refused = [h for s, h in seen if s == 429]
         assert refused and all(h is not None and int(h) > 0 for h in refused)
+
+
+def test_pinning_through_a_failing_origin_says_why(
+    tmp_path: Path, origin: MisbehavingOrigin
+) -> None:
+    with _cache(tmp_path, origin) as c:
+        r = c.admin("pin", {"path": "/hanghead/f.bin"})
+        assert r.status == 504 and r.json()["cause"] == "timeout"
+        assert r.json()["origin"].endswith("/hanghead") and "within 2s" in r.json()["error"]
+        r = c.admin("pin", {"path": "/ok/nothing-here"})
+        assert r.status == 404 and "/ok/nothing-here" in r.json()["error"]
+    dead = CacheProcess(tmp_path / "d", {"/ns": "http://127.0.0.1:1/ns"},
+                        env={"STASHFLOW_CACHE_ORIGIN_TIMEOUT": "2s"})
+    with dead as c:
+        r = c.admin("pin", {"path": "/ns/f.bin"})
+        assert r.status == 502 and r.json()["origin"] == "http://127.0.0.1:1/ns"
+        assert r.json()["cause"]
+    with _cache(tmp_path, origin) as c:  # a GET that times out says so in `cause` too
+        r = c.get("/hanghead/f.bin")
+        assert r.status == 504 and r.json()["cause"] == "timeout"

@@ -105,6 +105,10 @@ def test_admin_evict_and_purge(tmp_path: Path, files: Path) -> None:
         assert not any((tmp_path / "c" / "data").rglob("*.*"))
         assert c.admin("evict", {"nothing": 1}).status == 400
         assert c.admin("pin", {"path": "/ns/missing"}).status == 404
+        # a prefix is whole path segments: /ns/f0 is not a prefix of /ns/f00.bin
+        c.get("/ns/f00.bin")
+        assert c.admin("purge", {"prefix": "/ns/f0"}).json()["evicted_objects"] == 0
+        assert c.admin("purge", {"prefix": "/ns/f00.bin"}).json()["evicted_objects"] == 1
 
 
 def test_admin_token(tmp_path: Path, files: Path) -> None:
