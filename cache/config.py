@@ -85,6 +85,15 @@ class CacheConfig:
             raise ConfigError("inline-max must not exceed the block size")
         if self.size < self.block_size * 4:
             raise ConfigError("cache size must be at least four blocks")
+        if self.origin_concurrency < 1 or self.origin_concurrency > self.total_concurrency:
+            raise ConfigError("origin_concurrency must be between 1 and total_concurrency")
+        if self.origin_concurrency == self.total_concurrency and (
+            len(self.origins) > 1 or self.director
+        ):
+            raise ConfigError(
+                "origin_concurrency must be below total_concurrency, so that one stalled "
+                "origin cannot take every fetch slot from the others"
+            )
         if self.access_flush <= 0:
             raise ConfigError("access_flush must be a positive duration, e.g. 15s")
         if self.verify not in ("on-change", "always"):

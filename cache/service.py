@@ -72,7 +72,9 @@ class CacheService:
             self.trust(issuer, jwks or None)
         self.membership: Membership | None = None
         self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
-        self.admission = Admission(cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit)
+        self.admission = Admission(
+            cfg.total_concurrency, cfg.origin_concurrency, cfg.queue_limit, cfg.origin_timeout
+        )
         self.fetcher = Fetcher(self.index, cfg, self.admission)
         self._negative: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[Record]] = {}

@@ -112,6 +112,15 @@ def test_config_validation(tmp_path: Path) -> None:
             CacheConfig.build({}, {**base, "size": "1GiB", **bad})
     with pytest.raises(ConfigError, match="unknown cache setting"):
         CacheConfig.build({"colour": "blue"}, base)
+    with pytest.raises(ConfigError, match="access_flush must be a positive duration"):
+        CacheConfig.build({"access_flush": "0s"}, base)
+    # one stalled origin must not be able to take every fetch slot from the others
+    two = {**base, "origins": ["/a=file:///tmp", "/b=file:///tmp"]}
+    with pytest.raises(ConfigError, match="origin_concurrency must be below"):
+        CacheConfig.build({"origin_concurrency": 8, "total_concurrency": 8}, two)
+    with pytest.raises(ConfigError, match="between 1 and total_concurrency"):
+        CacheConfig.build({"origin_concurrency": 9, "total_concurrency": 8}, base)
+    assert CacheConfig.build({"origin_concurrency": 8, "total_concurrency": 8}, base)
 
 
 def _index(tmp_path: Path, size: int = 8 * MiB) -> Index:
