@@ -247,6 +247,35 @@ def test_revalidation_picks_up_origin_changes(tmp_path: Path) -> None:
         time.sleep(1.2)
         assert c.get("/ns/f.bin").body == b"B" * (3 * MiB)
         assert c.get("/ns/s.txt").body == b"version 2!"
+        # same size, only the modification time tells: still never served stale
+        (src / "f.bin").write_bytes(b"C" * (3 * MiB))
+        os.utime(src / "f.bin", (time.time() + 10, time.time() + 10))
+        assert c.get("/ns/f.bin").body == b"B" * (3 * MiB)  # within the TTL
+        time.sleep(1.2)
+        r = c.get("/ns/f.bin")
+        assert r.body == b"C" * (3 * MiB) and r.headers["x-stashflow-cache"] == "miss"
+
+
+def test_revalidation_sees_an_etag_change_alone(tmp_path: Path) -> None:
+    from tests.cache.harness import MisbehavingOrigin
+
+    src = tmp_path / "o"
+    src.mkdir()
+    (src / "f.bin").write_bytes(b"A" * MiB)
+    stamp = int(time.time()) - 100  # whole seconds: the change below stays inside one
+    os.utime(src / "f.bin", (stamp, stamp))
+    with (
+        MisbehavingOrigin(src) as origin,
+        CacheProcess(tmp_path / "c", {"/ns": f"{origin.url}/ok"},
+                     extra=["--revalidate-ttl", "1s"]) as c,
+    ):
+        assert c.get("/ns/f.bin").body == b"A" * MiB
+        # same size, and Last-Modified has one-second resolution: only the ETag (which
+        # this origin makes from the nanosecond mtime) changes
+        (src / "f.bin").write_bytes(b"Z" * MiB)
+        os.utime(src / "f.bin", ns=(stamp * 10**9 + 1000, stamp * 10**9 + 1000))
+        time.sleep(1.2)
+        assert c.get("/ns/f.bin").body == b"Z" * MiB
 
 
 def test_negative_answers_are_cached_briefly(tmp_path: Path) -> None:
@@ -256,6 +285,13 @@ def test_negative_answers_are_cached_briefly(tmp_path: Path) -> None:
         assert c.get("/ns/later.txt").status == 404
         (src / "later.txt").write_bytes(b"now here")
         assert c.get("/ns/later.txt").status == 404  # within the negative TTL
+    with CacheProcess(tmp_path / "d", {"/ns": f"file://{src}"},
+                      env={"STASHFLOW_CACHE_NEGATIVE_TTL": "1s"}) as c:
+        assert c.get("/ns/later2.txt").status == 404
+        (src / "later2.txt").write_bytes(b"here too")
+        assert c.get("/ns/later2.txt").status == 404
+        time.sleep(1.3)  # and only briefly
+        assert c.get("/ns/later2.txt").body == b"here too"
 
 
 def test_config_file_and_env_override(tmp_path: Path) -> None:
