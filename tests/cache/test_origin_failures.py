@@ -115,10 +115,28 @@ def test_stalled_origin_transfer_is_abandoned(tmp_path: Path, origin: Misbehavin
         tmp_path, origin, STASHFLOW_CACHE_STALL_WINDOW="2s", STASHFLOW_CACHE_MIN_RATE="64KiB"
     ) as c:
         started = time.monotonic()
+        inflight: list[float] = []
+
+        def watch() -> None:  # the fetch shows in the gauge while it runs
+            while not inflight or inflight[-1] == 0:
+                inflight.append(c.metrics().get("stashflow_cache_inflight_fetches", 0.0))
+                if time.monotonic() - started > 10:
+                    return
+                time.sleep(0.1)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         r = c.get("/slow/f.bin")
-        assert r.status == 504
+        watcher.join()
+        assert r.status == 504 and r.json()["cause"] == "stalled"
         assert "below the minimum" in r.json()["error"]
         assert time.monotonic() - started < 15
+        assert inflight[-1] >= 1
+        m = c.metrics()
+        assert m["stashflow_cache_inflight_fetches"] == 0
+        assert m["stashflow_cache_origin_errors_total"] >= 1
+        assert any(k.startswith("stashflow_cache_origin_errors_total{") and "Stalled" in k
+                   for k in m)
 
 
 def test_one_stalled_origin_does_not_block_others(

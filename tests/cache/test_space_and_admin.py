@@ -299,3 +299,28 @@ def test_watermark_pass_keeps_the_reread_objects_with_lfuda(tmp_path: Path, file
         assert {"/ns/f00.bin", "/ns/f01.bin"} <= cached
         assert len(cached) <= 5  # 10 MiB of 2 MiB objects
         assert c.metrics()["stashflow_cache_evictions_total"] >= 4
+
+
+def test_an_object_being_read_is_not_evicted(tmp_path: Path, files: Path) -> None:
+    import socket
+
+    big = os.urandom(10 * MiB)
+    (files / "big.bin").write_bytes(big)
+    with CacheProcess(
+        tmp_path / "c", {"/ns": f"file://{files}"}, size="16MiB", extra=["--policy", "lru"]
+    ) as c:
+        assert c.get("/ns/big.bin").body == big  # cached, and the least recently used
+        with socket.create_connection(("127.0.0.1", c.port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            s.sendall(b"GET /ns/big.bin HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n")
+            got = s.recv(65536)  # then stall: the cache stays mid-response
+            for i in range(1, 5):  # 8 MiB of misses on a 16 MiB cache holding 10 MiB
+                assert c.get(f"/ns/f{i:02d}.bin").status == 200
+                assert c.admin("stats").json()["usage_bytes"] <= 16 * MiB
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        assert got.split(b"\r\n\r\n", 1)[1] == big
+        cached = {o["path"]: o for o in c.admin("objects").json()["objects"]}
+        # the open object was kept although least recently used; others made room
+        assert cached["/ns/big.bin"]["cached_bytes"] == 10 * MiB
+        assert c.metrics()["stashflow_cache_evictions_total"] >= 1
