@@ -65,6 +65,9 @@ def cache_group() -> None:
 @click.option("--issuer", "issuers", multiple=True, metavar="URL[=JWKS]",
               help="Token issuer trusted for protected namespaces, with its JWKS file or "
                    "URL (discovered from the issuer when omitted). Repeatable.")
+@click.option("--audience", "audiences", multiple=True, metavar="URL",
+              help="Token audience accepted besides the cache's public URL and the WLCG "
+                   "'any' audience, e.g. the federation's URL. Repeatable.")
 @click.option("--origin-token-file", help="Token the cache presents to protected origins.")
 @click.option("--access-log", help="Access log file, '-' for stderr, 'off' for none [-].")
 def serve(config_path: str | None, **flags: Any) -> None:

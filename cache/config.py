@@ -53,6 +53,9 @@ class CacheConfig:
     # tokens: namespaces whose reads need a WLCG token, the issuers trusted for them
     protected: list[str] = field(default_factory=list)
     issuers: dict[str, str] = field(default_factory=dict)  # issuer -> JWKS file/URL ("" = discover)
+    # token audiences accepted besides the cache's public URL and the WLCG "any" audience
+    # (e.g. the federation's or the director's URL, for which a VO mints its tokens)
+    audiences: list[str] = field(default_factory=list)
     origin_token_file: str | None = None  # the cache's own token for protected origins
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -107,7 +110,7 @@ class CacheConfig:
         # STASHFLOW_CACHE_URL is where the admin commands (cache stats, pin, evict...)
         # find a running cache; it shares the prefix but is not a setting of the server
         values.pop("url", None)
-        for key in ("origins", "origin", "issuers", "issuer", "protected"):
+        for key in ("origins", "origin", "issuers", "issuer", "protected", "audiences"):
             if isinstance(values.get(key), str):  # from the environment: comma-separated
                 values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
         for key, value in flags.items():
@@ -133,8 +136,9 @@ class CacheConfig:
                 iss, _, jwks = str(item).partition("=")
                 issuers[iss] = jwks
         values["issuers"] = issuers
-        if isinstance(values.get("protected"), tuple):
-            values["protected"] = list(values["protected"])
+        for key in ("protected", "audiences"):
+            if isinstance(values.get(key), tuple):
+                values[key] = list(values[key])
         if "dir" in values:
             values["directory"] = values.pop("dir")
         if "directory" not in values:

@@ -114,7 +114,9 @@ class CacheService:
         """Accept tokens of `issuer` (keys from a JWKS file or URL, or discovered from
         the issuer's openid-configuration when None)."""
         if self.verifier is None:
-            self.verifier = TokenVerifier({}, audiences=[self.cfg.advertised_url])
+            self.verifier = TokenVerifier(
+                {}, audiences=[self.cfg.advertised_url, *self.cfg.audiences]
+            )
         if issuer not in self.verifier.issuers:
             self.verifier.issuers[issuer] = Issuer(issuer, key_source(jwks, issuer=issuer))
 
