@@ -327,7 +327,8 @@ class CacheService:
                                                       self._origin_checksum(ns, rec, algorithm)))
             if value is not None or not compute:
                 return value
-        task = self._shared(self._checksums, key, self._checksum(ns, rec, algorithm))
+        task = self._shared(self._checksums, key,
+                            self._checksum(ns, rec, algorithm, ask_origin=wait))
         if wait:
             return await asyncio.shield(task)
         return None
@@ -357,10 +358,13 @@ class CacheService:
             await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
         return value
 
-    async def _checksum(self, ns: Namespace, rec: Record, algorithm: str) -> str:
-        key = (rec.objid, rec.gen, algorithm)
-        value = await asyncio.shield(self._shared(self._origin_checksums, key,
-                                                  self._origin_checksum(ns, rec, algorithm)))
+    async def _checksum(self, ns: Namespace, rec: Record, algorithm: str,
+                        ask_origin: bool = True) -> str:
+        value = None
+        if ask_origin:
+            key = (rec.objid, rec.gen, algorithm)
+            value = await asyncio.shield(self._shared(self._origin_checksums, key,
+                                                      self._origin_checksum(ns, rec, algorithm)))
         if value is None:
             value = await self._compute_checksum(ns, rec, algorithm)
             await asyncio.to_thread(self.index.set_checksum, rec, algorithm, value)
