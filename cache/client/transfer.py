@@ -88,7 +88,8 @@ SPLICE_MIN = 4 * MiB
 class Options:
     """How to transfer. Defaults come from the `[client]` table of the config file
     (STASHFLOW_CONFIG or /etc/stashflow/client.toml) and STASHFLOW_CLIENT_* variables;
-    `STASHFLOW_DIRECTOR` names the director; command-line flags win over all."""
+    `STASHFLOW_DIRECTOR` names the director, over the file's `director`; command-line
+    flags win over all."""
 
     director: str | None = None
     caches: list[str] = field(default_factory=list)
@@ -123,7 +124,9 @@ class Options:
             raw = configlib.load(configlib.default_config_path("client"), "client")
         except configlib.ConfigError as e:
             raise UsageError("configuration", str(e)) from None
-        if os.environ.get("STASHFLOW_DIRECTOR") and "director" not in raw:
+        # A job's STASHFLOW_DIRECTOR wins over the machine-wide config file: the job (or
+        # its glidein) knows which federation it belongs to better than the worker node.
+        if os.environ.get("STASHFLOW_DIRECTOR"):
             raw["director"] = os.environ["STASHFLOW_DIRECTOR"]
         opts = cls()
         for key, value in {**raw, **{k: v for k, v in overrides.items() if v is not None}}.items():

@@ -150,3 +150,19 @@ def test_allocator_keeps_freed_memory_on_glibc() -> None:
     on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     # mallopt answers 1 for accepted settings: on glibc both must be taken
     assert keep_freed_memory() is on_glibc
+
+
+def test_director_environment_wins_over_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    conf = tmp_path / "client.toml"
+    conf.write_text('[client]\ndirector = "https://from-file.example:8444"\nparallel_files = 5\n')
+    monkeypatch.setenv("STASHFLOW_CONFIG", str(conf))
+    monkeypatch.delenv("STASHFLOW_CLIENT_DIRECTOR", raising=False)
+    monkeypatch.delenv("STASHFLOW_DIRECTOR", raising=False)
+    assert Options.load().director == "https://from-file.example:8444"
+    monkeypatch.setenv("STASHFLOW_DIRECTOR", "https://from-env.example:8444")
+    o = Options.load()
+    assert o.director == "https://from-env.example:8444"
+    assert o.parallel_files == 5  # the rest of the file still applies
+    assert Options.load(director="https://flag").director == "https://flag"
