@@ -129,6 +129,18 @@ def _normalise_scope_path(path: str) -> str | None:
     return "/" + "/".join(segments)
 
 
+def normalise_base_path(path: str) -> str:
+    """An issuer's base path as an operator gives it ('/ns/' -> '/ns'); ValueError for
+    one that is relative or has '.', '..' or empty segments, since parse_scopes would
+    otherwise silently fall back to '/' and grant more than intended."""
+    normal = _normalise_scope_path(path)
+    if normal is None:
+        raise ValueError(
+            f"issuer base path {path!r} must be absolute, without '.', '..' or '//' segments"
+        )
+    return normal
+
+
 def covers(scope_path: str, path: str) -> bool:
     """Whether a scope on `scope_path` covers `path`: equal, or a parent on a segment
     boundary. Both are absolute, normalised paths."""

@@ -86,13 +86,21 @@ class Namespace:
         `https://o:8443`)."""
         if self.collections_url:
             return self.collections_url
+        servers = self.origin_servers()
+        return servers[0] if servers else None
+
+    def origin_servers(self) -> list[str]:
+        """The base URLs of the http(s) origins that serve `/ns/...` at their own paths
+        (`https://o:8443/ns` -> `https://o:8443`): stashflow origins, which answer
+        requests about themselves (e.g. their declared issuers) there."""
+        out = []
         for origin in self.http_origins():
             parts = urllib.parse.urlsplit(origin)
             path = parts.path.rstrip("/")
             if path.endswith(self.prefix):
                 base = path[: -len(self.prefix)]
-                return urllib.parse.urlunsplit((parts.scheme, parts.netloc, base, "", ""))
-        return None
+                out.append(urllib.parse.urlunsplit((parts.scheme, parts.netloc, base, "", "")))
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {

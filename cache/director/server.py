@@ -53,6 +53,8 @@ WRITE_METHODS = {"PUT", "DELETE", "MKCOL", "MOVE", "COPY", "PROPPATCH"}
 READ_METHODS = {"GET", "HEAD"}
 ALLOW = "GET, HEAD, PROPFIND, PUT, DELETE, MKCOL, MOVE, COPY, OPTIONS"
 MAX_BODY = 64 * 1024
+# Where our origins declare their exports and trusted issuers (cache/origin/server.py).
+ORIGIN_DECLARATION = "/.well-known/stashflow-origin"
 
 
 class DirectorError(Exception):
@@ -180,6 +182,9 @@ class Director:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_probe = -1e18
+        # namespace prefix -> the base path its origin declared for the namespace's
+        # issuer; a namespace absent here is advertised with "/" (absolute scopes)
+        self._base_paths: dict[str, str] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -204,6 +209,7 @@ class Director:
                 if now - self._last_probe >= self.cfg.heartbeat_interval:
                     self._last_probe = now
                     await self._probe_static()
+                    await self._learn_base_paths()
                 self._track_states()
                 for name in self.caches.forget_expired():
                     log.info("cache %s forgotten after missing heartbeats", name)
@@ -228,6 +234,43 @@ class Director:
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             ok, reason = False, f"health probe failed: {type(e).__name__}: {e}"[:300]
         cache.healthy, cache.health_reason, cache.last_probe = ok, reason, time.time()
+
+    async def _learn_base_paths(self) -> None:
+        spaces = [ns for ns in self.namespaces if ns.issuer]
+        found = await asyncio.gather(*(self._declared_base_path(ns) for ns in spaces))
+        for ns, base in zip(spaces, found, strict=True):
+            if base is None:
+                continue  # origin unreachable: keep what it declared last time
+            if base != self._base_paths.get(ns.prefix, "/"):
+                log.info("namespace %s: origin declares token base path %s", ns.prefix, base)
+            self._base_paths[ns.prefix] = base
+
+    async def _declared_base_path(self, ns: Namespace) -> str | None:
+        """The base path the first reachable origin of `ns` declares for `ns.issuer`:
+        "/" when it declares none (or does not trust that issuer), None when no origin
+        could be asked (not a stashflow origin, or down)."""
+        assert self._session is not None
+        for server in ns.origin_servers():
+            try:
+                async with self._session.get(
+                    server + ORIGIN_DECLARATION, allow_redirects=False
+                ) as resp:
+                    if resp.status != 200:
+                        continue
+                    doc = await resp.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+                continue
+            issuers = doc.get("issuers") if isinstance(doc, dict) else None
+            for entry in issuers if isinstance(issuers, list) else []:
+                if isinstance(entry, dict) and entry.get("issuer") == ns.issuer:
+                    base = entry.get("base_path")
+                    if isinstance(base, str) and base.startswith("/"):
+                        return "/" + base.strip("/")
+            return "/"
+        return None
+
+    def token_base_path(self, ns: Namespace) -> str:
+        return self._base_paths.get(ns.prefix, "/")
 
     def _track_states(self) -> None:
         now = time.monotonic()
@@ -271,7 +314,8 @@ class Director:
         if ns.issuer:
             headers["X-Pelican-Authorization"] = f"issuer={ns.issuer}"
             headers["X-Pelican-Token-Generation"] = (
-                f"issuer={ns.issuer}, max-scope-depth=0, strategy=OAuth2, base-path={ns.prefix}"
+                f"issuer={ns.issuer}, max-scope-depth=0, strategy=OAuth2, "
+                f"base-path={self.token_base_path(ns)}"
             )
         return headers
 
@@ -437,7 +481,7 @@ class Director:
         served = {}
         for ns in self.namespaces:
             if cache.serves(ns.prefix):
-                served[ns.prefix] = ns.describe()
+                served[ns.prefix] = {**ns.describe(), "token_base_path": self.token_base_path(ns)}
         for prefix in reg.namespaces or ():
             if self.namespaces.get(prefix) is None:
                 warnings.append(f"namespace {prefix} is not known to this director")
@@ -477,7 +521,14 @@ class Director:
         out = []
         for ns in self.namespaces:
             alive = [c.name for c, _ in self.caches.candidates(ns.prefix, now)]
-            out.append({"prefix": ns.prefix, **ns.describe(), "caches": sorted(alive)})
+            out.append(
+                {
+                    "prefix": ns.prefix,
+                    **ns.describe(),
+                    "token_base_path": self.token_base_path(ns),
+                    "caches": sorted(alive),
+                }
+            )
         return web.json_response({"namespaces": out})
 
     async def list_caches(self, request: web.Request) -> web.Response:

@@ -62,6 +62,15 @@ def _split_export(value: str) -> tuple[str, str]:
     "[discovered from the issuer's /.well-known/openid-configuration].",
 )
 @click.option(
+    "--issuer-base-path",
+    "base_paths",
+    multiple=True,
+    metavar="PATH",
+    help="The path each --issuer's token scopes are relative to, in the same order "
+    "(storage.read:/x with base path /ns grants /ns/x) [/: scopes name federation "
+    "paths]. Published to the director at /.well-known/stashflow-origin.",
+)
+@click.option(
     "--audience",
     "audiences",
     multiple=True,
@@ -94,6 +103,7 @@ def serve(
     public_exports: tuple[str, ...],
     issuers: tuple[str, ...],
     jwks: tuple[str, ...],
+    base_paths: tuple[str, ...],
     audiences: tuple[str, ...],
     tls_cert: str | None,
     tls_key: str | None,
@@ -120,6 +130,7 @@ def serve(
     """
     from stashflow.cache.origin.server import OriginConfig, build_exports
     from stashflow.cache.origin.server import serve as run
+    from stashflow.integration.tokens import normalise_base_path
 
     exported = dict(_split_export(e) for e in exports)
     unknown = [p for p in public_exports if "/" + p.strip("/") not in exported]
@@ -129,6 +140,16 @@ def serve(
         )
     if jwks and len(jwks) != len(issuers):
         raise click.UsageError("give one --jwks per --issuer (same order), or none to discover")
+    if base_paths and len(base_paths) != len(issuers):
+        raise click.UsageError(
+            "give one --issuer-base-path per --issuer (same order; / for absolute scopes), or none"
+        )
+    issuer_bases: dict[str, str] = {}
+    for i, base in enumerate(base_paths):
+        try:
+            issuer_bases[issuers[i]] = normalise_base_path(base)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--issuer-base-path") from None
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
     public_set = {"*"} if public else {"/" + p.strip("/") for p in public_exports}
@@ -147,6 +168,7 @@ def serve(
             exports=exported,
             public=public_set,
             issuers={iss: (jwks[i] if jwks else None) for i, iss in enumerate(issuers)},
+            base_paths=issuer_bases,
             audiences=list(audiences),
             tls_cert=tls_cert,
             tls_key=tls_key,

@@ -41,6 +41,7 @@ from stashflow.integration.checksums import (
     to_digest_header,
 )
 from stashflow.integration.storage import (
+    AlreadyExists,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -53,12 +54,14 @@ from stashflow.integration.storage import (
 )
 from stashflow.integration.storage.http import TEMP_MARKER
 from stashflow.integration.tokens import (
+    Issuer,
     MissingToken,
     Token,
     TokenError,
     TokenVerifier,
     WrongIssuer,
     bearer_token,
+    key_source,
 )
 
 log = logging.getLogger("stashflow.origin")
@@ -66,6 +69,10 @@ CHUNK = 1 << 20
 CONTENT_TYPE = "application/octet-stream"
 ALLOW = "OPTIONS, GET, HEAD, PROPFIND, PUT, DELETE, MKCOL, MOVE"
 REALM = "stashflow-origin"
+# What this origin exports and which token issuers (with their base paths) it trusts,
+# as JSON: the director reads it to advertise the base path that tokens for a namespace
+# must be relative to (X-Pelican-Token-Generation), so that it matches what we enforce.
+DECLARATION_PATH = "/.well-known/stashflow-origin"
 
 
 def error(status: int, message: str, **fields: Any) -> web.Response:
@@ -126,6 +133,8 @@ def _etag(info: ObjectInfo) -> str:
 def _storage_error(key: str, exc: StorageError) -> web.Response:
     if isinstance(exc, backend.Exists):
         return error(405, f"{key} already exists", path=key)
+    if isinstance(exc, AlreadyExists):
+        return error(409, f"{key} already exists", path=key)
     if isinstance(exc, backend.Conflict):
         return error(409, f"{key}: {exc.reason}", path=key)
     if isinstance(exc, NotFound):
@@ -185,9 +194,19 @@ class Origin:
 
     # -- dispatch ------------------------------------------------------------------------
 
+    def declaration(self) -> dict[str, Any]:
+        """The public facts a director needs: exports and trusted issuers."""
+        issuers = self.verifier.issuers.values() if self.verifier is not None else ()
+        return {
+            "exports": [{"prefix": e.prefix, "public": e.public} for e in self.exports],
+            "issuers": [{"issuer": i.issuer, "base_path": i.base_path} for i in issuers],
+        }
+
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return web.Response(status=200, headers={"Allow": ALLOW, "DAV": "1"})
+        if request.path == DECLARATION_PATH and request.method in ("GET", "HEAD"):
+            return web.json_response(self.declaration())
         method = self._methods.get(request.method)
         if method is None:
             return error(405, f"method {request.method} is not supported", headers={"Allow": ALLOW})
@@ -472,10 +491,26 @@ class Origin:
 
         length = request.content_length
         source = self._upload(request, target.key, length, expected)
+        storage = target.export.storage
+        # The check above is long past when a big upload commits: without
+        # storage.modify, commit only if the name is still free, so that an object
+        # someone else created meanwhile is not replaced.
+        may_replace = token.allows("modify", target.key)
         try:
-            info = await target.export.storage.write(target.rel, source)
+            if may_replace:
+                info = await storage.write(target.rel, source)
+            else:
+                info = await storage.create(target.rel, source)
         except UploadRefused as e:
             return error(400, f"{e} - nothing was stored", path=target.key)
+        except AlreadyExists:
+            return error(
+                403,
+                f"{target.key} was created by someone else during this upload and replacing "
+                "it needs storage.modify - nothing was stored",
+                path=target.key,
+                reason="exists",
+            )
         log.info("stored %s (%d bytes)", target.key, info.size)
         headers = {"ETag": _etag(info)}
         if existing is not None:
@@ -612,6 +647,8 @@ class OriginConfig:
     exports: dict[str, str]
     public: set[str] = field(default_factory=set)  # export prefixes readable without token
     issuers: dict[str, str | None] = field(default_factory=dict)  # iss -> JWKS (None: discover)
+    # iss -> the path its scope paths are relative to; "/" (absolute scopes) when absent
+    base_paths: dict[str, str] = field(default_factory=dict)
     audiences: list[str] = field(default_factory=list)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -641,6 +678,8 @@ def build_exports(cfg: OriginConfig) -> list[Export]:
         norm = "/" + prefix.strip("/")
         if norm == "/":
             raise ValueError("exporting '/' is not allowed: name a namespace, e.g. /ns")
+        if norm == "/.well-known" or norm.startswith("/.well-known/"):
+            raise ValueError(f"export {prefix!r}: /.well-known is reserved for the origin")
         try:
             clean_path(norm, norm)
         except BadPath as e:
@@ -654,7 +693,16 @@ def make_app(cfg: OriginConfig) -> web.Application:
     verifier = None
     if cfg.issuers:
         verifier = TokenVerifier(
-            cfg.issuers,
+            [
+                Issuer(
+                    iss,
+                    key_source(
+                        jwks, issuer=iss, ttl=cfg.jwks_ttl, min_refresh=cfg.jwks_min_refresh
+                    ),
+                    base_path=cfg.base_paths.get(iss, "/"),
+                )
+                for iss, jwks in cfg.issuers.items()
+            ],
             audiences=[cfg.base_url, *cfg.audiences],
             leeway=cfg.leeway,
             jwks_ttl=cfg.jwks_ttl,

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from stashflow.integration.storage.base import (
     CHECKSUM_ALGORITHMS,
+    AlreadyExists,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -53,6 +54,7 @@ def open_storage(url: str, **options: Any) -> Storage:
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
+    "AlreadyExists",
     "Corrupt",
     "NotFound",
     "ObjectInfo",

@@ -30,6 +30,11 @@ class NotFound(StorageError):
     """The object or directory does not exist."""
 
 
+class AlreadyExists(StorageError):
+    """Storage.create found the name taken: nothing was stored, the existing object
+    (or directory) is untouched."""
+
+
 class PermissionDenied(StorageError):
     """The backend refused access (credentials, ACLs, read-only export)."""
 
@@ -102,6 +107,29 @@ class Storage(abc.ABC):
         """Store an object atomically: readers see the old object or the whole new one,
         never a part; a failed write leaves nothing behind. Parent directories are
         created as needed."""
+
+    async def create(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        """Store a new object like `write`, but never replace an existing one: raise
+        AlreadyExists instead (for callers allowed to create but not to overwrite).
+
+        This default looks for the name once the last byte has arrived, just before
+        `write` commits, which leaves only the commit itself open to a concurrent
+        creation; backends with an atomic create-if-absent override it."""
+
+        async def then_check() -> AsyncIterator[bytes]:
+            if isinstance(data, bytes | bytearray | memoryview):
+                yield bytes(data)
+            else:
+                async for chunk in data:
+                    yield chunk
+            try:
+                await self.stat(path)
+            except NotFound:
+                return
+            # Raised from inside the data source: `write` aborts and stores nothing.
+            raise AlreadyExists(self.url_of(path), "already exists")
+
+        return await self.write(path, then_check())
 
     @abc.abstractmethod
     async def delete(self, path: str) -> None:

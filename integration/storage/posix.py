@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
+    AlreadyExists,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -34,6 +35,24 @@ TEMP_MARKER = ".stashflow-tmp-"
 
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _link_new(temp: str, local: str, url: str) -> None:
+    """Give the finished temp file its final name unless that name is taken: link(2)
+    fails with EEXIST atomically, where rename(2) would silently replace whatever
+    another writer committed meanwhile."""
+    try:
+        os.link(temp, local)
+    except FileExistsError:
+        raise AlreadyExists(url, "already exists (created while this upload was running)") from None
+    except OSError as exc:
+        # link(2): EPERM (or EOPNOTSUPP) when the filesystem has no hard links. There a
+        # check right before rename is the best available: it leaves only this instant.
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        if os.path.lexists(local):
+            raise AlreadyExists(url, "already exists") from None
+        os.rename(temp, local)
 
 
 def map_os_error(url: str, exc: OSError) -> StorageError:
@@ -217,6 +236,14 @@ class PosixStorage(Storage):
             owner.close()
 
     async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        return await self._store(path, data, replace=True)
+
+    async def create(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
+        return await self._store(path, data, replace=False)
+
+    async def _store(
+        self, path: str, data: bytes | AsyncIterable[bytes], *, replace: bool
+    ) -> ObjectInfo:
         url = self.url_of(path)
         local = self._local(path)
         if not path:
@@ -259,7 +286,10 @@ class PosixStorage(Storage):
                         await call(_write_all, chunk)
             await call(os.fsync)
             try:
-                await asyncio.to_thread(os.replace, temp, local)
+                if replace:
+                    await asyncio.to_thread(os.replace, temp, local)
+                else:
+                    await asyncio.to_thread(_link_new, temp, local, url)
                 committed = True
                 await asyncio.to_thread(_fsync_dir, directory)
                 st = await asyncio.to_thread(os.stat, local)
@@ -267,7 +297,8 @@ class PosixStorage(Storage):
                 raise map_os_error(url, exc) from exc
         finally:
             # Synchronous on purpose: it must also run when the task is being cancelled.
-            owner.close(then=None if committed else discard)
+            # After a link the temp name is a second name of the object: drop it too.
+            owner.close(then=None if committed and replace else discard)
         return self._info(path, st)
 
     async def delete(self, path: str) -> None:

@@ -48,12 +48,15 @@ def test_registration_answers_the_namespace_map(tmp_path: Path) -> None:
                 "require_token": False,
                 "issuer": None,
                 "collections_url": "http://origin.example:8000",
+                "token_base_path": "/",
             },
             "/prot": {
                 "origins": ["s3://bucket/prot"],
                 "require_token": True,
                 "issuer": "https://issuer.example",
                 "collections_url": None,
+                # an s3:// origin declares nothing: token scopes are absolute
+                "token_base_path": "/",
             },
         }
         assert any("not in the site map" in w for w in body["warnings"])

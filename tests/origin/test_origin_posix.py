@@ -451,6 +451,34 @@ def test_short_body_over_raw_socket_leaves_nothing(site: Site) -> None:
     assert site.origin.call("GET", "/prot/short/cut-close.bin", token=token).status in (403, 404)
 
 
+def test_create_scope_does_not_replace_an_object_created_during_the_upload(site: Site) -> None:
+    """The existence check happens when the upload starts; another client creating
+    the object before the upload ends must not have its object silently replaced by
+    a token that may only create."""
+    token = site.issuer.token("storage.create:/prot/race", "storage.read:/prot/race")
+    (site.prot / "race").mkdir(exist_ok=True)
+    size = 1_000_000
+    with socket.create_connection(("127.0.0.1", site.origin.port), timeout=30) as s:
+        head = (
+            f"PUT /prot/race/obj.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Length: {size}\r\n\r\n"
+        )
+        s.sendall(head.encode() + b"a" * (size // 2))
+        # the temp file exists: the origin checked that the name is free and is writing
+        assert _wait_for(lambda: leftovers(site.prot / "race")), "upload never started"
+        other = site.origin.call("PUT", "/prot/race/obj.bin", token=token, data=b"theirs")
+        assert other.status == 201, other.body
+        s.sendall(b"a" * (size - size // 2))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 403"), answer[:300]
+    assert b"storage.modify" in rest and b"nothing was stored" in rest
+    assert (site.prot / "race" / "obj.bin").read_bytes() == b"theirs"
+    assert leftovers(site.prot / "race") == ["obj.bin"]
+
+
 def test_curl_killed_mid_upload_leaves_nothing(site: Site) -> None:
     token = site.issuer.token("storage.modify:/prot/killed")
     (site.prot / "killed").mkdir(exist_ok=True)
