@@ -65,6 +65,9 @@ def cache_group() -> None:
 @click.option("--issuer", "issuers", multiple=True, metavar="URL[=JWKS]",
               help="Token issuer trusted for protected namespaces, with its JWKS file or "
                    "URL (discovered from the issuer when omitted). Repeatable.")
+@click.option("--issuer-base-path", "issuer_base_paths", multiple=True, metavar="PATH",
+              help="The path each --issuer's token scopes are relative to, in the same "
+                   "order (storage.read:/x with base path /ns grants /ns/x) [/].")
 @click.option("--audience", "audiences", multiple=True, metavar="URL",
               help="Token audience accepted besides the cache's public URL and the WLCG "
                    "'any' audience, e.g. the federation's URL. Repeatable.")

@@ -53,6 +53,9 @@ class CacheConfig:
     # tokens: namespaces whose reads need a WLCG token, the issuers trusted for them
     protected: list[str] = field(default_factory=list)
     issuers: dict[str, str] = field(default_factory=dict)  # issuer -> JWKS file/URL ("" = discover)
+    # issuer -> the path its scopes are relative to (default "/": scopes name federation
+    # paths); caches learn it from the director for the namespaces they learn there
+    issuer_base_paths: dict[str, str] = field(default_factory=dict)
     # token audiences accepted besides the cache's public URL and the WLCG "any" audience
     # (e.g. the federation's or the director's URL, for which a VO mints its tokens)
     audiences: list[str] = field(default_factory=list)
@@ -110,7 +113,8 @@ class CacheConfig:
         # STASHFLOW_CACHE_URL is where the admin commands (cache stats, pin, evict...)
         # find a running cache; it shares the prefix but is not a setting of the server
         values.pop("url", None)
-        for key in ("origins", "origin", "issuers", "issuer", "protected", "audiences"):
+        for key in ("origins", "origin", "issuers", "issuer", "protected", "audiences",
+                    "issuer_base_paths", "issuer_base_path"):
             if isinstance(values.get(key), str):  # from the environment: comma-separated
                 values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
         for key, value in flags.items():
@@ -136,6 +140,22 @@ class CacheConfig:
                 iss, _, jwks = str(item).partition("=")
                 issuers[iss] = jwks
         values["issuers"] = issuers
+        raw_bases = values.pop("issuer_base_paths", None) or values.pop("issuer_base_path", None)
+        if raw_bases and not isinstance(raw_bases, dict):
+            # flags: one per --issuer, in the same order (as on the origin)
+            bases = [str(b) for b in raw_bases]
+            if len(bases) != len(issuers):
+                raise ConfigError("give one issuer base path per issuer (same order; / for "
+                                  "absolute scopes), or none")
+            raw_bases = dict(zip(issuers, bases, strict=True))
+        from stashflow.integration.tokens import normalise_base_path  # cryptography: slow
+
+        values["issuer_base_paths"] = {}
+        for iss, base in (raw_bases or {}).items():
+            try:
+                values["issuer_base_paths"][str(iss)] = normalise_base_path(str(base))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         for key in ("protected", "audiences"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])

@@ -69,7 +69,7 @@ class CacheService:
         )
         self.verifier: TokenVerifier | None = None
         for issuer, jwks in cfg.issuers.items():
-            self.trust(issuer, jwks or None)
+            self.trust(issuer, jwks or None, cfg.issuer_base_paths.get(issuer, "/"))
         self.membership: Membership | None = None
         self.index = Index(cfg.directory, size=cfg.size, policy=make_policy(cfg.policy))
         self.admission = Admission(
@@ -80,6 +80,7 @@ class CacheService:
         self._lookups: dict[str, asyncio.Future[Record]] = {}
         self._checksums: dict[tuple[bytes, int, str], asyncio.Task[Any]] = {}
         self._origin_checksums: dict[tuple[bytes, int, str], asyncio.Task[Any]] = {}
+        self._base_paths: dict[str, str] = {}  # namespace -> token base path (director)
         self._accesses: dict[bytes, tuple[int, float]] = {}
         self._verified: dict[tuple[bytes, int], _Verified] = {}
         self._background: list[asyncio.Task[None]] = []
@@ -110,15 +111,18 @@ class CacheService:
 
     # -- federation and tokens ----------------------------------------------------------
 
-    def trust(self, issuer: str, jwks: str | None) -> None:
+    def trust(self, issuer: str, jwks: str | None, base_path: str = "/") -> None:
         """Accept tokens of `issuer` (keys from a JWKS file or URL, or discovered from
-        the issuer's openid-configuration when None)."""
+        the issuer's openid-configuration when None), their scope paths relative to
+        `base_path`."""
         if self.verifier is None:
             self.verifier = TokenVerifier(
                 {}, audiences=[self.cfg.advertised_url, *self.cfg.audiences]
             )
         if issuer not in self.verifier.issuers:
-            self.verifier.issuers[issuer] = Issuer(issuer, key_source(jwks, issuer=issuer))
+            self.verifier.issuers[issuer] = Issuer(
+                issuer, key_source(jwks, issuer=issuer), base_path
+            )
 
     def _member_status(self) -> dict[str, Any]:
         active = sum(self.admission.active().values())
@@ -128,11 +132,13 @@ class CacheService:
         }
 
     def _learn(self, learned: NamespaceInfo) -> None:
-        for _prefix, (_url, require_token, issuer) in learned.items():
+        for prefix, (_url, require_token, issuer, base_path) in learned.items():
             if require_token and issuer:
                 self.trust(issuer, None)
+                # per namespace: one issuer may serve several, each with its own base
+                self._base_paths[prefix] = base_path
         retired = self.namespaces.update(
-            {prefix: (url, require_token) for prefix, (url, require_token, _) in learned.items()}
+            {prefix: (info[0], info[1]) for prefix, info in learned.items()}
         )
         for storage in retired:
             task = asyncio.ensure_future(storage.close())
@@ -152,7 +158,7 @@ class CacheService:
             raise MissingToken(f"{key} is in a protected namespace: send a bearer token")
         if self.verifier is None:
             raise WrongIssuer("this cache trusts no token issuer for protected namespaces")
-        token = await self.verifier.verify(raw)
+        token = await self.verifier.verify(raw, base_path=self._base_paths.get(ns.prefix))
         token.require("read", key)
 
     # -- finding objects --------------------------------------------------------------

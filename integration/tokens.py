@@ -525,8 +525,11 @@ class TokenVerifier:
         for entry in self.issuers.values():
             await entry.keys.close()
 
-    async def verify(self, token: str | None, now: float | None = None) -> Token:
-        """The verified token, or a TokenError saying which check failed."""
+    async def verify(self, token: str | None, now: float | None = None,
+                     base_path: str | None = None) -> Token:
+        """The verified token, or a TokenError saying which check failed. `base_path`
+        overrides the issuer's for where its scope paths start (a cache serving several
+        namespaces of one issuer, each with its own base path, learned per namespace)."""
         if not token:
             raise MissingToken("no bearer token was sent")
         if len(token) > MAX_TOKEN_LENGTH:
@@ -555,7 +558,8 @@ class TokenVerifier:
             raise WrongIssuer(f"token issuer {_show(iss)} is not trusted here (trusted: {trusted})")
 
         await self._check_signature(token.strip(), entry, str(alg), kid)
-        return self._check_claims(claims, entry, time.time() if now is None else now)
+        return self._check_claims(claims, entry, time.time() if now is None else now,
+                                  base_path or entry.base_path)
 
     async def _check_signature(self, token: str, entry: Issuer, alg: str, kid: str | None) -> None:
         candidates = [k for k in await entry.keys.keys(kid) if _key_fits(k, alg)]
@@ -579,7 +583,8 @@ class TokenVerifier:
                 continue
         raise BadSignature(f"token signature does not verify with the keys of {entry.issuer}")
 
-    def _check_claims(self, claims: dict[str, Any], entry: Issuer, now: float) -> Token:
+    def _check_claims(self, claims: dict[str, Any], entry: Issuer, now: float,
+                      base_path: str) -> Token:
         exp = _number(claims, "exp", required=True)
         nbf = _number(claims, "nbf", required=False)
         iat = _number(claims, "iat", required=False)
@@ -619,7 +624,7 @@ class TokenVerifier:
             subject=sub if isinstance(sub, str) else None,
             audiences=audiences,
             expires=exp,
-            scopes=tuple(parse_scopes(claims.get("scope"), entry.base_path)),
+            scopes=tuple(parse_scopes(claims.get("scope"), base_path)),
             claims=claims,
         )
 

@@ -140,3 +140,31 @@ def test_bad_base_path_is_refused(tmp_path: Path, extra: list[str], message: str
     assert out.returncode == 2
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()[-1]) < 300
+
+
+def test_caches_take_the_base_path_from_the_director_or_their_own_flags(
+    fed: Fed, tmp_path: Path
+) -> None:
+    from tests.cache.harness import CacheProcess
+
+    # the cache's own token for the origin: relative to /exp too, it covers all of it
+    own = tmp_path / "cache.token"
+    own.write_text(fed.issuer.token("storage.read:/"))
+    relative = {"Authorization": "Bearer " + fed.issuer.token("storage.read:/sub")}
+    absolute = {"Authorization": "Bearer " + fed.issuer.token("storage.read:/exp/sub")}
+    common = ["--audience", AUDIENCE, "--origin-token-file", str(own),
+              "--issuer", f"{fed.issuer.issuer}={fed.issuer.jwks}"]  # keys, not the base
+    # a cache that learns its namespaces (and the base path) from the director
+    with CacheProcess(tmp_path / "c1", {}, extra=["--director", fed.director.url, *common]) as c:
+        deadline = time.monotonic() + 30
+        while (r := c.get("/exp/sub/f.txt", relative)).status != 200:
+            assert time.monotonic() < deadline, (r.status, r.body[:300])
+            time.sleep(0.3)
+        assert r.body == b"in exp\n"
+        # relative to /exp, "/exp/sub" names /exp/exp/sub: not this object
+        assert c.get("/exp/sub/f.txt", absolute).status == 403
+    # a cache configured by hand says the same with --issuer-base-path
+    flags = ["--protected", "/exp", "--issuer-base-path", "/exp", *common]
+    with CacheProcess(tmp_path / "c2", {"/exp": f"{fed.based.url}/exp"}, extra=flags) as c:
+        assert c.get("/exp/sub/f.txt", relative).body == b"in exp\n"
+        assert c.get("/exp/g.txt", relative).status == 403  # /exp/g.txt is not under /sub
