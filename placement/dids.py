@@ -21,6 +21,7 @@ from stashflow.placement import naming
 from stashflow.placement.clock import rfc1123, utcnow
 from stashflow.placement.db import bulk_insert, each_name, keys_in, names_by_scope, names_in
 from stashflow.placement.exceptions import (
+    AccessDenied,
     DataIdentifierAlreadyExists,
     DataIdentifierNotFound,
     DuplicateContent,
@@ -29,6 +30,7 @@ from stashflow.placement.exceptions import (
     InvalidObject,
     InvalidValueForKey,
     UnsupportedOperation,
+    UnsupportedStatus,
 )
 from stashflow.placement.models import (
     DID,
@@ -591,29 +593,32 @@ def list_parents(session: Session, scope: str, name: str) -> list[dict[str, Any]
 
 def set_status(session: Session, caller: str, scope: str, name: str,
                statuses: dict[str, Any]) -> None:
+    """Rucio's set_status: `open` is the only status (monotonic is chosen at creation and
+    never changes). Closing a closed collection or opening an open one is refused, and
+    only an admin may reopen, as Rucio's permission policy intends."""
     row = get_did(session, scope, name)
     check_write(session, caller, scope)
-    for key, value in statuses.items():
-        if key == "open":
-            if row.did_type == DIDType.FILE:
-                raise UnsupportedOperation(f"'{scope}:{name}' is a file and has no open status")
-            if not isinstance(value, bool):
-                raise InvalidObject("'open' must be true or false")
-            if value and not row.is_open:
-                from stashflow.placement.accounts import is_admin
+    for key in statuses:
+        if key != "open":
+            raise UnsupportedStatus(f"The status {key} is not a valid data identifier "
+                                    f"status.")
+    if "open" not in statuses:
+        return
+    value = statuses["open"]
+    if not isinstance(value, bool):
+        raise InvalidObject("'open' must be true or false")
+    if value:
+        from stashflow.placement.accounts import is_admin
 
-                if not is_admin(session, caller):
-                    raise UnsupportedOperation(f"'{scope}:{name}' is closed; only an admin "
-                                               f"account can reopen it")
-            if not value and row.is_open:
-                row.closed_at = utcnow()
-            row.is_open = value
-        elif key == "monotonic":
-            if not isinstance(value, bool):
-                raise InvalidObject("'monotonic' must be true or false")
-            row.monotonic = value
-        else:
-            raise InvalidObject(f"Unknown DID status {key!r}")
+        if not is_admin(session, caller):
+            raise AccessDenied(f"Account {caller} can not reopen the data identifier "
+                               f"'{scope}:{name}'")
+    if row.did_type == DIDType.FILE or bool(row.is_open) == value:
+        raise UnsupportedOperation(f"The status of the data identifier '{scope}:{name}' "
+                                   f"cannot be changed")
+    if not value:
+        row.closed_at = utcnow()
+    row.is_open = value
 
 
 _INT_COLUMNS = {"events", "run_number", "task_id", "panda_id", "lumiblocknr"}

@@ -91,6 +91,10 @@ class UnsupportedOperation(RucioException):
     status = 409
 
 
+class UnsupportedStatus(RucioException):
+    status = 409
+
+
 class Duplicate(RucioException):
     status = 409
 

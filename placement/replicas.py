@@ -144,8 +144,26 @@ def _named_replicas(session: Session, rse: str, files: Any, writer: str | None =
 
 
 def update_states(session: Session, caller: str, rse: str, files: list[dict[str, Any]]) -> None:
+    """Set replica states, and move what depends on them as Rucio does: AVAILABLE makes the
+    locks on the replica OK (rules and transfer requests follow), UNAVAILABLE makes them
+    STUCK. A file entry may carry Rucio's `error_message`, `broken_rule_id` and
+    `broken_message` for the latter."""
+    # Imported here: rules imports this module.
+    from stashflow.placement.rules import replicas_available, replicas_unavailable
+
+    row = get_rse(session, rse)
+    available: list[tuple[str, str]] = []
+    unavailable: dict[tuple[str, str], dict[str, Any]] = {}
     for item, replica in _named_replicas(session, rse, files, writer=caller):
-        replica.state = parse_state(item.get("state"))
+        state = parse_state(item.get("state"))
+        replica.state = state
+        key = (replica.scope, replica.name)
+        if state == ReplicaState.AVAILABLE:
+            available.append(key)
+        elif state == ReplicaState.UNAVAILABLE:
+            unavailable[key] = item
+    replicas_available(session, row.id, available)
+    replicas_unavailable(session, row.id, unavailable, row.rse)
 
 
 def delete_replicas(session: Session, caller: str, rse: str, files: list[dict[str, Any]]) -> None:

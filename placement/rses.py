@@ -7,7 +7,7 @@ import hashlib
 import uuid
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from stashflow.placement import naming
@@ -195,11 +195,16 @@ def _attribute_value(value: Any) -> Any:
 
 
 def set_attribute(session: Session, rse: str, key: str, value: Any) -> None:
+    """Add or overwrite an attribute: Rucio merges the row, and `rucio rse attribute set`
+    on an existing key is how operators change a value."""
     naming.rse_attribute_key(key)
     row = get_rse(session, rse)
-    if session.get(RSEAttribute, (row.id, key)) is not None:
-        raise Duplicate(f"RSE attribute '{key}' of '{rse}' already exists")
-    session.add(RSEAttribute(rse_id=row.id, key=key, value=_attribute_value(value)))
+    converted = _attribute_value(value)
+    existing = session.get(RSEAttribute, (row.id, key))
+    if existing is not None:
+        existing.value = converted
+    else:
+        session.add(RSEAttribute(rse_id=row.id, key=key, value=converted))
     session.flush()
 
 
@@ -363,10 +368,14 @@ def usage_of(session: Session, row: RSE) -> list[dict[str, Any]]:
     return rows
 
 
-def set_distance(session: Session, source: str, destination: str, distance: int) -> None:
+def _check_distance(source: str, destination: str, distance: Any) -> None:
     if not isinstance(distance, int) or isinstance(distance, bool) or distance < 0:
         raise InvalidObject(f"The distance from '{source}' to '{destination}' must be a "
                             f"non-negative integer")
+
+
+def set_distance(session: Session, source: str, destination: str, distance: int) -> None:
+    _check_distance(source, destination, distance)
     src, dst = get_rse(session, source), get_rse(session, destination)
     row = session.get(Distance, (src.id, dst.id))
     if row is None:
@@ -384,7 +393,24 @@ def distances_from(session: Session, source: str, destination: str) -> list[dict
              "created_at": rfc1123(row.created_at), "updated_at": rfc1123(row.updated_at)}]
 
 
-def delete_distance(session: Session, source: str, destination: str) -> None:
+def update_distance(session: Session, source: str, destination: str, distance: int,
+                    bidirectional: bool = False) -> None:
+    """Change existing distances (also destination -> source if `bidirectional`). As in
+    Rucio, a distance that does not exist is not created: the CLI adds those first."""
+    _check_distance(source, destination, distance)
     src, dst = get_rse(session, source), get_rse(session, destination)
-    session.execute(delete(Distance).where(Distance.src_rse_id == src.id,
-                                           Distance.dest_rse_id == dst.id))
+    pairs = [(src.id, dst.id)] + ([(dst.id, src.id)] if bidirectional else [])
+    for src_id, dst_id in pairs:
+        session.execute(update(Distance).where(Distance.src_rse_id == src_id,
+                                               Distance.dest_rse_id == dst_id)
+                        .values(distance=distance, updated_at=utcnow())
+                        .execution_options(synchronize_session="fetch"))
+
+
+def delete_distance(session: Session, source: str, destination: str,
+                    bidirectional: bool = False) -> None:
+    src, dst = get_rse(session, source), get_rse(session, destination)
+    pairs = [(src.id, dst.id)] + ([(dst.id, src.id)] if bidirectional else [])
+    for src_id, dst_id in pairs:
+        session.execute(delete(Distance).where(Distance.src_rse_id == src_id,
+                                               Distance.dest_rse_id == dst_id))

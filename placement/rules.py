@@ -11,6 +11,7 @@ import functools
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -285,11 +286,16 @@ def apply_rule(session: Session, rule: Rule, targets: list[RSE], weights: dict[s
     """Choose RSEs per group, create locks, COPYING replicas and shared requests."""
     did = get_did(session, rule.scope, rule.name)
     planner = _Planner(session, rule, targets, weights, bypass_quota)
-    for files in _groups(session, did, rule.grouping):
-        if files:
-            planner.place(files)
+    try:
+        for files in _groups(session, did, rule.grouping):
+            if files:
+                planner.place(files)
+    except _REFUSALS:
+        # Usage must equal the locks whatever the caller does with the refusal.
+        planner.finish()
+        raise
     planner.finish()
-    _refresh_state(rule)
+    _refresh_state(session, rule)
 
 
 class _Planner:
@@ -321,7 +327,10 @@ class _Planner:
                 limit - catalog_usage(self.session, rse.id)[0]
         return self.space[rse.id]
 
-    def place(self, files: list[DID]) -> None:
+    def place(self, files: list[DID], preferred: Collection[str] = ()) -> None:
+        """Lock `files` on `copies` qualifying RSEs. `preferred` RSEs (those a rule already
+        uses for the files' dataset) come first when they qualify, as with the preferred
+        RSEs of Rucio's RSE selector; otherwise the choice falls to the other ones."""
         size = sum(f.bytes or 0 for f in files)
         reasons: set[str] = set()
         candidates = []
@@ -341,10 +350,14 @@ class _Planner:
         present = self._present(files, candidates)
         chosen: list[RSE] = []
         pool = list(candidates)
+        def rank(rse: RSE) -> tuple[bool, int]:
+            return rse.id in preferred, present.get(rse.id, 0)
+
         while len(chosen) < self.rule.copies:
-            # Prefer RSEs that already hold most of the data; among equals, weighted random.
-            best = max(present.get(r.id, 0) for r in pool)
-            tier = [r for r in pool if present.get(r.id, 0) == best]
+            # Prefer RSEs already in use, then those that already hold most of the data;
+            # among equals, weighted random.
+            best = max(rank(r) for r in pool)
+            tier = [r for r in pool if rank(r) == best]
             pick = random.choices(tier, weights=[self.weights[r.id] or 1e-9 for r in tier])[0]
             chosen.append(pick)
             pool.remove(pick)
@@ -464,15 +477,52 @@ class _Planner:
         self.usage.clear()
 
 
-def _refresh_state(rule: Rule) -> None:
+_REFUSALS = (InsufficientTargetRSEs, InsufficientAccountLimit, RSEOverQuota,
+             InvalidRSEExpression, InvalidRuleWeight)
+
+
+def _refresh_state(session: Session, rule: Rule, recheck: bool = False) -> None:
+    """The rule's state from its lock counters. A rule is STUCK while it has stuck locks or
+    files it could not place: there is no judge-repairer to retry those, so nothing else
+    would ever report them. Whether files are unplaced costs a walk of the rule's content,
+    so it is asked only of a rule that is STUCK now, or when `recheck` (a user asking for
+    the state to be re-evaluated)."""
     if rule.state in (RuleState.SUSPENDED, RuleState.WAITING_APPROVAL, RuleState.INJECT):
         return
-    if rule.locks_stuck_cnt:
-        rule.state = RuleState.STUCK
+    if rule.locks_stuck_cnt or ((rule.state == RuleState.STUCK or recheck)
+                                and _has_unplaced_files(session, rule)):
+        state = RuleState.STUCK
     elif rule.locks_replicating_cnt:
-        rule.state = RuleState.REPLICATING
+        state = RuleState.REPLICATING
     else:
-        rule.state = RuleState.OK
+        state = RuleState.OK
+    if state == RuleState.STUCK:
+        if rule.stuck_at is None:
+            rule.stuck_at = utcnow()
+    else:
+        # The error and the time describe why and since when the rule is stuck.
+        rule.error = None
+        rule.stuck_at = None
+    rule.state = state
+
+
+def _has_unplaced_files(session: Session, rule: Rule) -> bool:
+    """Fewer locks than `copies` per file under the rule's DID (one query)."""
+    if rule.did_type == DIDType.FILE:
+        files = 1
+    else:
+        # Seeded from the DID's own row, as in _ancestry, for PostgreSQL's collations.
+        down = select(DID.scope, DID.name).where(
+            DID.scope == rule.scope, DID.name == rule.name).cte("down", recursive=True)
+        down = down.union(select(Attachment.child_scope, Attachment.child_name).where(
+            Attachment.scope == down.c.scope, Attachment.name == down.c.name,
+            Attachment.child_type != DIDType.FILE))
+        distinct_files = select(Attachment.child_scope, Attachment.child_name).join(
+            down, and_(Attachment.scope == down.c.scope, Attachment.name == down.c.name)
+        ).where(Attachment.child_type == DIDType.FILE).distinct().subquery()
+        files = int(session.scalar(select(func.count()).select_from(distinct_files)) or 0)
+    locks = rule.locks_ok_cnt + rule.locks_replicating_cnt + rule.locks_stuck_cnt
+    return locks < files * rule.copies
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -669,8 +719,9 @@ def update_rule(session: Session, caller: str, rule_id: str, options: Any) -> No
             if str(value).upper() == "SUSPENDED":
                 rule.state = RuleState.SUSPENDED
             elif str(value).upper() in ("STUCK", "REPLICATING", "OK"):
-                rule.state = RuleState.REPLICATING
-                _refresh_state(rule)
+                if rule.state == RuleState.SUSPENDED:
+                    rule.state = RuleState.REPLICATING
+                _refresh_state(session, rule, recheck=True)
             else:
                 raise InvalidReplicationRule(f"A rule cannot be set to state {value!r}")
         elif key == "approve":
@@ -802,6 +853,140 @@ def _drop_unneeded_requests(session: Session, rse_id: str,
             Request.state.in_(_ACTIVE_REQUEST_STATES)))
 
 
+# --- replica states: what Rucio's conveyor-finisher does through update_replicas_states ---
+
+
+def _staging_required(session: Session, rse_id: str) -> bool:
+    rse = session.get(RSE, rse_id)
+    value = None if rse is None else list_attributes(session, rse).get("staging_required")
+    return value is True or str(value).lower() in ("true", "1")
+
+
+def _locks_on(session: Session, rse_id: str, keys: list[tuple[str, str]],
+              states: tuple[LockState, ...]) -> tuple[list[Any], dict[str, Rule]]:
+    """(rule_id, scope, name, state) of the locks in `states` on these replicas, and their
+    rules, row-locked first and so read afresh. Rules are locked in the order
+    covering_rules uses, so that this and an attachment cannot deadlock."""
+    found: list[Any] = []
+    query = select(Lock.rule_id, Lock.scope, Lock.name, Lock.state).where(
+        Lock.rse_id == rse_id, Lock.state.in_(states))
+    for i in range(0, len(keys), CHUNK):
+        found.extend(session.execute(query.where(
+            keys_in(Lock.scope, Lock.name, keys[i:i + CHUNK]))).all())
+    rule_ids = sorted({lock.rule_id for lock in found})
+    if not rule_ids:
+        return [], {}
+    rules: dict[str, Rule] = {}
+    for i in range(0, len(rule_ids), CHUNK):
+        rules.update((rule.id, rule) for rule in session.scalars(
+            select(Rule).where(Rule.id.in_(rule_ids[i:i + CHUNK]))
+            .order_by(Rule.created_at, Rule.id).with_for_update(key_share=True)
+            .execution_options(populate_existing=True)))
+    # Read again under the rule locks: a concurrent state change may have moved some.
+    found = []
+    for i in range(0, len(keys), CHUNK):
+        found.extend(session.execute(query.where(
+            keys_in(Lock.scope, Lock.name, keys[i:i + CHUNK]))
+            .with_for_update(key_share=True)).all())
+    return [lock for lock in found if lock.rule_id in rules], rules
+
+
+def _set_lock_states(session: Session, rse_id: str, locks: list[Any],
+                     state: LockState) -> None:
+    by_rule: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for lock in locks:
+        by_rule[lock.rule_id].append((lock.scope, lock.name))
+    now = utcnow()
+    for rule_id, keys in by_rule.items():
+        for i in range(0, len(keys), CHUNK):
+            session.execute(update(Lock).where(
+                Lock.rule_id == rule_id, Lock.rse_id == rse_id,
+                keys_in(Lock.scope, Lock.name, keys[i:i + CHUNK]))
+                .values(state=state, updated_at=now)
+                .execution_options(synchronize_session=False))
+
+
+def _count(rule: Rule, state: LockState, delta: int) -> None:
+    if state == LockState.OK:
+        rule.locks_ok_cnt += delta
+    elif state == LockState.REPLICATING:
+        rule.locks_replicating_cnt += delta
+    else:
+        rule.locks_stuck_cnt += delta
+
+
+def replicas_available(session: Session, rse_id: str, keys: list[tuple[str, str]]) -> None:
+    """These replicas on `rse_id` became AVAILABLE (Rucio's successful_transfer): every
+    lock on them is OK, the rules' counters and states follow, and the transfers that
+    were bringing them there are DONE."""
+    if not keys:
+        return
+    locks, rules = _locks_on(session, rse_id, keys, (LockState.REPLICATING, LockState.STUCK))
+    _set_lock_states(session, rse_id, locks, LockState.OK)
+    changed: dict[str, Rule] = {}
+    stuck_before: dict[str, int] = {}
+    for lock in locks:
+        rule = rules[lock.rule_id]
+        stuck_before.setdefault(rule.id, rule.locks_stuck_cnt)
+        _count(rule, lock.state, -1)
+        _count(rule, LockState.OK, 1)
+        changed[rule.id] = rule
+    for rule in changed.values():
+        # A rule STUCK without stuck locks has unplaced files, which a replica arriving
+        # does not change: spare it the walk of its content.
+        if rule.state != RuleState.STUCK or stuck_before[rule.id]:
+            _refresh_state(session, rule)
+    now = utcnow()
+    for i in range(0, len(keys), CHUNK):
+        session.execute(update(Request).where(
+            Request.dest_rse_id == rse_id, keys_in(Request.scope, Request.name,
+                                                   keys[i:i + CHUNK]),
+            Request.state.in_(_ACTIVE_REQUEST_STATES))
+            .values(state=RequestState.DONE, updated_at=now)
+            .execution_options(synchronize_session=False))
+
+
+def replicas_unavailable(session: Session, rse_id: str, failures: dict[tuple[str, str],
+                                                                       dict[str, Any]],
+                         rse_name: str) -> None:
+    """These replicas on `rse_id` became UNAVAILABLE (Rucio's failed_transfer): their locks
+    are STUCK (on a staging_required RSE only the replicating ones, since the OK copies
+    there are still on tape) and so are the rules, with the error; a rule named as
+    `broken_rule_id` is SUSPENDED with `broken_message` instead. Transfer requests stay:
+    one still in flight may yet deliver the file, which makes the locks OK again."""
+    if not failures:
+        return
+    states = (LockState.REPLICATING,) if _staging_required(session, rse_id) else (
+        LockState.REPLICATING, LockState.OK)
+    locks, rules = _locks_on(session, rse_id, list(failures), states)
+    _set_lock_states(session, rse_id, locks, LockState.STUCK)
+    now = utcnow()
+    for lock in locks:
+        rule = rules[lock.rule_id]
+        _count(rule, lock.state, -1)
+        _count(rule, LockState.STUCK, 1)
+        details = failures[(lock.scope, lock.name)]
+        if rule.state == RuleState.SUSPENDED:
+            continue
+        if details.get("broken_rule_id") == rule.id:
+            rule.state = RuleState.SUSPENDED
+            rule.error = _error_text(details.get("broken_message"))
+            continue
+        rule.state = RuleState.STUCK
+        if rule.stuck_at is None:
+            rule.stuck_at = now
+        rule.error = _error_text(details.get("error_message")) or _error_text(
+            f"The replica of {lock.scope}:{lock.name} on {rse_name} was marked UNAVAILABLE")
+
+
+def _error_text(message: Any) -> str | None:
+    if message is None:
+        return None
+    text = str(message)
+    # Rucio keeps 245 characters and marks the cut, within the 255 of the column.
+    return text if len(text) <= 245 else text[:245] + "..."
+
+
 # --- the judge-evaluator, synchronous ------------------------------------------------------
 
 
@@ -811,8 +996,9 @@ def covering_rules(session: Session, parent: DID) -> list[Rule]:
                                 {"scope": parent.scope, "name": parent.name}))
 
 
-# Rules that do not place anything yet: they are not extended to new content.
-_NOT_STARTED = (RuleState.WAITING_APPROVAL, RuleState.INJECT)
+# Rules that do not place anything (yet, or while suspended): they are not extended to
+# new content, as in Rucio's attach evaluation.
+_NOT_STARTED = (RuleState.WAITING_APPROVAL, RuleState.INJECT, RuleState.SUSPENDED)
 
 
 @functools.cache
@@ -861,31 +1047,36 @@ def extend_for_attach(session: Session, parent: DID, children: list[DID],
                       rules: list[Rule] | None = None) -> None:
     """Extend every rule on `parent` or its ancestors to newly attached content. Files of a
     dataset follow the RSEs the rule already uses for that dataset (grouping DATASET) or
-    for the whole DID (ALL); otherwise they are placed like at rule creation. A rule that
-    cannot be extended becomes STUCK with the reason, as Rucio's evaluator does; the
-    attachment itself stands."""
+    for the whole DID (ALL) when those still qualify (write availability, quota, space),
+    and go to other qualifying RSEs of the expression otherwise; without grouping they are
+    placed like at rule creation. A rule that cannot be extended becomes STUCK with the
+    reason, as Rucio's evaluator does; the attachment itself stands, and so do the locks
+    of groups placed before the refusal (counted in the account's usage)."""
     if rules is None:
         rules = covering_rules(session, parent)
     if not rules:
         return
+    # The files attached directly form one group, as in Rucio's attach evaluation: with
+    # grouping DATASET or ALL they go to the same RSEs, and so must fit there together.
+    files = [child for child in children if child.did_type == DIDType.FILE]
     groups: list[tuple[DID | None, list[DID]]] = []
+    if files:
+        groups.append((parent if parent.did_type == DIDType.DATASET else None, files))
     for child in children:
-        if child.did_type == DIDType.FILE:
-            groups.append((parent if parent.did_type == DIDType.DATASET else None, [child]))
-        else:
+        if child.did_type != DIDType.FILE:
             for dataset in datasets_of(session, child.scope, child.name):
                 groups.append((dataset, list(iter_files(session, dataset.scope,
                                                         dataset.name))))
     for rule in rules:
         try:
             _extend(session, rule, groups)
-        except (InsufficientTargetRSEs, InsufficientAccountLimit, RSEOverQuota,
-                InvalidRSEExpression, InvalidRuleWeight) as exc:
+        except _REFUSALS as exc:
             rule.state = RuleState.STUCK
             rule.error = exc.message[:255]
-            rule.stuck_at = utcnow()
+            if rule.stuck_at is None:
+                rule.stuck_at = utcnow()
             continue
-        _refresh_state(rule)
+        _refresh_state(session, rule)
 
 
 def _extend(session: Session, rule: Rule, groups: list[tuple[DID | None, list[DID]]]) -> None:
@@ -894,27 +1085,29 @@ def _extend(session: Session, rule: Rule, groups: list[tuple[DID | None, list[DI
     planner = _Planner(session, rule, targets, weights,
                        bypass_quota=is_admin(session, rule.account) or
                        rule.ignore_account_limit)
-    by_id = {r.id: r for r in session.scalars(select(RSE))}
-    for dataset, files in groups:
-        locked = _locked_names(session, rule, files)
-        todo = [f for f in files if (f.scope, f.name) not in locked]
-        if not todo:
-            continue
-        if rule.grouping == RuleGrouping.NONE:
-            for file in todo:
-                planner.place([file])
-            continue
-        query = select(Lock.rse_id).where(Lock.rule_id == rule.id).distinct()
-        if rule.grouping == RuleGrouping.DATASET and dataset is not None:
-            query = query.join(Attachment, and_(Attachment.child_scope == Lock.scope,
-                                                Attachment.child_name == Lock.name)).where(
-                Attachment.scope == dataset.scope, Attachment.name == dataset.name)
-        used = sorted(session.scalars(query))
-        if len(used) >= rule.copies:
-            for rse_id in used[: rule.copies]:
-                planner.lock_many(todo, by_id[rse_id])
-        else:
-            planner.place(todo)
+    try:
+        for dataset, files in groups:
+            locked = _locked_names(session, rule, files)
+            todo = [f for f in files if (f.scope, f.name) not in locked]
+            if not todo:
+                continue
+            if rule.grouping == RuleGrouping.NONE:
+                for file in todo:
+                    planner.place([file])
+                continue
+            query = select(Lock.rse_id).where(Lock.rule_id == rule.id).distinct()
+            if rule.grouping == RuleGrouping.DATASET and dataset is not None:
+                query = query.join(Attachment, and_(Attachment.child_scope == Lock.scope,
+                                                    Attachment.child_name == Lock.name)).where(
+                    Attachment.scope == dataset.scope, Attachment.name == dataset.name)
+            # The RSEs in use are preferred but pass the same checks (availability,
+            # quota, space) as any other: following them blindly overran quotas.
+            planner.place(todo, preferred=set(session.scalars(query)))
+    except _REFUSALS:
+        # Groups placed before the refusal keep their locks (the rule becomes STUCK and
+        # the attachment stands), so their usage must be written too.
+        planner.finish()
+        raise
     planner.finish()
 
 
@@ -933,4 +1126,4 @@ def shrink_for_detach(session: Session, parent: DID, children: list[DID]) -> Non
         if not gone:
             continue
         release_locks(session, rule, gone)
-        _refresh_state(rule)
+        _refresh_state(session, rule)

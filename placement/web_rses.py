@@ -19,6 +19,19 @@ from stashflow.placement.rest import (
 )
 
 
+def _boolean(name: str, value: Any) -> bool:
+    """A boolean as Rucio's param_get_bool reads it: JSON true/false or the strings
+    true/false/1/0 in any case (the client puts `bidirectional=False` in query strings)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower() if isinstance(value, str | int) else ""
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise InvalidObject(f"'{name}' must be true or false, not {value!r}")
+
+
 def _admin(session: Session, caller: str, action: str) -> None:
     if not accounts.is_admin(session, caller):
         raise AccessDenied(f"Account {caller} can not {action}")
@@ -205,7 +218,7 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
             _admin(session, caller, "set distances")
             distance = body["distance"]
             rses.set_distance(session, source, dest, distance)
-            if body.get("bidirectional"):
+            if _boolean("bidirectional", body.get("bidirectional", False)):
                 rses.set_distance(session, dest, source, distance)
 
         await catalog.call(request, work)
@@ -213,11 +226,17 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
 
     async def update_distance(request: web.Request) -> web.Response:
         source, dest = request.match_info["rse"], request.match_info["dest"]
-        body = await read_json(request, allowed={"distance", "ranking"}, required=("distance",))
+        # rucio-clients' update_distance always sends `bidirectional`; `ranking` is the
+        # old name of `distance`, still read by Rucio.
+        body = await read_json(request, allowed={"distance", "ranking", "bidirectional"})
+        distance = body.get("distance", body.get("ranking"))
+        if distance is None:
+            raise InvalidObject("'distance' not defined")
+        bidirectional = _boolean("bidirectional", body.get("bidirectional", False))
 
         def work(session: Session, caller: str) -> None:
             _admin(session, caller, "set distances")
-            rses.set_distance(session, source, dest, body["distance"])
+            rses.update_distance(session, source, dest, distance, bidirectional)
 
         await catalog.call(request, work)
         return ok()
@@ -229,10 +248,11 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
 
     async def delete_distance(request: web.Request) -> web.Response:
         source, dest = request.match_info["rse"], request.match_info["dest"]
+        bidirectional = _boolean("bidirectional", request.query.get("bidirectional", False))
 
         def work(session: Session, caller: str) -> None:
             _admin(session, caller, "delete distances")
-            rses.delete_distance(session, source, dest)
+            rses.delete_distance(session, source, dest, bidirectional)
 
         await catalog.call(request, work)
         return ok()

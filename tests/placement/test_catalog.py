@@ -21,8 +21,17 @@ from stashflow.placement.exceptions import (
     FileConsistencyMismatch,
     InvalidObject,
     UnsupportedOperation,
+    UnsupportedStatus,
 )
-from stashflow.placement.models import DID, DeletedDID, DIDType, Identity, Replica, Token
+from stashflow.placement.models import (
+    DID,
+    DeletedDID,
+    DIDType,
+    Identity,
+    Replica,
+    Scope,
+    Token,
+)
 
 Factory = sessionmaker[Session]
 
@@ -240,9 +249,22 @@ def test_closed_and_monotonic_collections(factory: Factory) -> None:
         dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f0"}])
         with pytest.raises(UnsupportedOperation, match="monotonic"):
             dids.detach(session, "root", "test", "ds", [{"scope": "test", "name": "f0"}])
+        # Rucio's set_status knows only `open`: monotonic is fixed at creation.
+        with pytest.raises(UnsupportedStatus):
+            dids.set_status(session, "root", "test", "ds", {"monotonic": False})
+        assert dids.get_did(session, "test", "ds").monotonic is True
         dids.set_status(session, "root", "test", "ds", {"open": False})
         with pytest.raises(UnsupportedOperation, match="closed"):
             dids.attach(session, "root", "test", "ds", [{"scope": "test", "name": "f1"}])
+        # Closing a closed collection, or reopening without being an admin, is refused.
+        with pytest.raises(UnsupportedOperation, match="cannot be changed"):
+            dids.set_status(session, "root", "test", "ds", {"open": False})
+        accounts.add_account(session, "bob", "USER")
+        session.execute(update(Scope).where(Scope.scope == "test").values(account="bob"))
+        with pytest.raises(AccessDenied):
+            dids.set_status(session, "bob", "test", "ds", {"open": True})
+        dids.set_status(session, "root", "test", "ds", {"open": True})
+        assert dids.get_did(session, "test", "ds").is_open is True
 
 
 def test_names_are_never_reused(factory: Factory) -> None:
@@ -292,10 +314,10 @@ def test_rse_attributes_protocols_distances(factory: Factory) -> None:
             True, False, True)
         rses.set_attribute(session, "SITE_A", "tier", "2")
         rses.set_attribute(session, "SITE_A", "istape", "False")
-        with pytest.raises(Duplicate):
-            rses.set_attribute(session, "SITE_A", "tier", "3")
+        # Setting an existing key overwrites it (Rucio merges the row).
+        rses.set_attribute(session, "SITE_A", "tier", "3")
         assert rses.list_attributes(session, row) == {"SITE_A": True, "istape": False,
-                                                      "tier": "2"}
+                                                      "tier": "3"}
         rses.add_protocol(session, "SITE_A", {
             "scheme": "https", "hostname": "dav.example.org", "port": 443, "prefix": "/d",
             "impl": "rucio.rse.protocols.webdav.Default",

@@ -233,3 +233,63 @@ def test_remaining_client_calls(server: Server) -> None:
     assert client.get_local_account_limits("root") == {"DISK_1": 100}
     client.delete_local_account_limit("root", "DISK_1")
     assert client.get_local_account_limits("root") == {}
+
+
+def test_overwriting_distances_and_attributes(server: Server) -> None:
+    """`rse distance set` on an existing distance goes through update_distance (which
+    sends `bidirectional`), `rse distance unset --bidirectional` through DELETE
+    `?bidirectional=True`, and `rse attribute set` on an existing key overwrites it, as
+    Rucio does."""
+    rucio, client = server.rucio, server.client()
+    for name in ("SITE_A", "SITE_B", "SITE_C"):
+        rucio("rse", "add", name)
+
+    def distance(source: str, dest: str) -> int | None:
+        found = client.get_distance(source, dest)
+        return int(found[0]["distance"]) if found else None
+
+    rucio("rse", "distance", "set", "SITE_A", "SITE_B", "--distance", "3")
+    out = rucio("rse", "distance", "set", "SITE_A", "SITE_B", "--distance", "5").stdout
+    assert "Set distance from SITE_A -> SITE_B to 5" in out
+    assert "distance=5" in rucio("rse", "distance", "show", "SITE_A", "SITE_B").stdout
+    assert distance("SITE_B", "SITE_A") is None
+    # Only A -> B exists: the CLI adds B -> A and updates A -> B.
+    rucio("rse", "distance", "set", "SITE_A", "SITE_B", "--distance", "7", "--bidirectional")
+    assert (distance("SITE_A", "SITE_B"), distance("SITE_B", "SITE_A")) == (7, 7)
+    # Both exist: one update_distance(..., bidirectional=True).
+    out = rucio("rse", "distance", "set", "SITE_B", "SITE_A", "--distance", "9",
+                "--bidirectional").stdout
+    assert "Set distances between SITE_B <-> SITE_A to 9" in out
+    assert (distance("SITE_A", "SITE_B"), distance("SITE_B", "SITE_A")) == (9, 9)
+    # update_distance does not create a distance that does not exist, as in Rucio.
+    assert client.update_distance("SITE_A", "SITE_C", {"distance": 4}) is True
+    assert distance("SITE_A", "SITE_C") is None
+    client.add_distance("SITE_A", "SITE_C", {"distance": 4}, bidirectional=True)
+    assert client.delete_distance("SITE_A", "SITE_C") is True  # one direction only
+    assert (distance("SITE_A", "SITE_C"), distance("SITE_C", "SITE_A")) == (None, 4)
+    out = rucio("rse", "distance", "unset", "SITE_A", "SITE_B", "--bidirectional").stdout
+    assert "Deleted distances between SITE_A <-> SITE_B" in out
+    assert (distance("SITE_A", "SITE_B"), distance("SITE_B", "SITE_A")) == (None, None)
+
+    rucio("rse", "attribute", "set", "SITE_A", "--key", "tier", "--value", "1")
+    out = rucio("rse", "attribute", "set", "SITE_A", "--key", "tier", "--value", "2").stdout
+    assert "Added new RSE attribute for SITE_A: tier-2" in out
+    attributes = rucio("rse", "attribute", "list", "SITE_A").stdout
+    assert "tier: 2" in attributes and "tier: 1" not in attributes
+    assert client.list_rse_attributes("SITE_A")["tier"] == "2"
+
+
+def test_status_knows_only_open(server: Server) -> None:
+    import pytest
+    from rucio.common.exception import UnsupportedOperation, UnsupportedStatus
+
+    client = server.client()
+    client.add_scope("root", "x")
+    client.add_dataset("x", "ds", statuses={"monotonic": True})
+    with pytest.raises(UnsupportedStatus):
+        client.set_status("x", "ds", monotonic=False)
+    assert client.get_did("x", "ds")["monotonic"] is True
+    assert client.set_status("x", "ds", open=False) is True
+    with pytest.raises(UnsupportedOperation):
+        client.set_status("x", "ds", open=False)
+    assert client.get_did("x", "ds")["open"] is False

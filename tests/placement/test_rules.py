@@ -413,3 +413,168 @@ def test_bulk_paths_cross_chunk_boundaries(factory: Factory) -> None:
         assert count(s, Replica, Replica.rse_id == dst.id, Replica.tombstone == EPOCH) == total
         usage = s.get(AccountUsage, ("root", dst.id))
         assert usage is not None and (usage.files, usage.bytes) == (0, 0)
+
+
+def usage_matches_locks(s: Session) -> None:
+    """Account usage is counted per lock: for every (account, RSE) it must equal the locks
+    that exist, whatever happened on the way."""
+    expected: dict[tuple[str, str], tuple[int, int]] = {}
+    for account, rse_id, files, size in s.execute(
+            select(Lock.account, Lock.rse_id, func.count(), func.sum(Lock.bytes))
+            .group_by(Lock.account, Lock.rse_id)):
+        expected[(account, rse_id)] = (int(files), int(size or 0))
+    recorded = {(u.account, u.rse_id): (u.files, u.bytes)
+                for u in s.scalars(select(AccountUsage)) if (u.files, u.bytes) != (0, 0)}
+    assert recorded == expected
+
+
+def test_following_rses_checks_quota_and_availability(world: Factory) -> None:
+    """Files attached to a dataset follow the RSE its rule already uses, but only if that
+    RSE still qualifies; otherwise the rule becomes STUCK and nothing is locked there."""
+    with world.begin() as s:
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": f"a{i}", "bytes": 4000} for i in range(4)])
+        for name in ("quota_ds", "avail_ds"):
+            dids.add_collection(s, "alice", "user.alice", name, DIDType.DATASET)
+        dids.attach(s, "alice", "user.alice", "quota_ds",
+                    [{"scope": "user.alice", "name": "a0"}])
+        dids.attach(s, "alice", "user.alice", "avail_ds",
+                    [{"scope": "user.alice", "name": "a2"}])
+        by_quota = add(s, "alice", "user.alice:quota_ds", rse_expression="T2_X")
+        by_avail = add(s, "alice", "user.alice:avail_ds", rse_expression="T2_Y",
+                       grouping="ALL")
+        rses.update_rse(s, "T2_Y", {"availability_write": False})
+    with world.begin() as s:
+        # 4000 of 10000 used on T2_X: two more files of 4000 do not fit.
+        dids.attach(s, "alice", "user.alice", "quota_ds",
+                    [{"scope": "user.alice", "name": "a1"},
+                     {"scope": "user.alice", "name": "a3"}])
+        dids.attach(s, "alice", "user.alice", "avail_ds",
+                    [{"scope": "user.alice", "name": "a3"}])
+    with world() as s:
+        rule = s.get(Rule, by_quota)
+        assert rule is not None and rule.state == RuleState.STUCK
+        assert rule.error is not None and "quota" in rule.error
+        assert set(locks_of(s, by_quota)) == {"a0"}
+        rule = s.get(Rule, by_avail)
+        assert rule is not None and rule.state == RuleState.STUCK
+        assert rule.error is not None and "not writable" in rule.error
+        assert set(locks_of(s, by_avail)) == {"a2"}
+        usage = {row["rse"]: row["bytes"] for row in quota.local_usage(s, "alice")}
+        assert usage["T2_X"] == 4000
+        usage_matches_locks(s)
+
+
+def test_following_moves_on_when_the_rse_in_use_does_not_qualify(world: Factory) -> None:
+    """Rucio's selector takes the RSEs already in use as preferred ones and chooses among
+    the other qualifying RSEs of the expression when they do not qualify any more."""
+    with world.begin() as s:
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": f"a{i}", "bytes": 4000} for i in range(2)])
+        dids.add_collection(s, "alice", "user.alice", "mine", DIDType.DATASET)
+        dids.attach(s, "alice", "user.alice", "mine", [{"scope": "user.alice", "name": "a0"}])
+        rses.update_rse(s, "T2_Y", {"availability_write": False})
+        rule_id = add(s, "alice", "user.alice:mine", rse_expression="T2_X|T2_Y")
+        rses.update_rse(s, "T2_Y", {"availability_write": True})
+        rses.update_rse(s, "T2_X", {"availability_write": False})
+    with world.begin() as s:
+        dids.attach(s, "alice", "user.alice", "mine", [{"scope": "user.alice", "name": "a1"}])
+    with world() as s:
+        assert locks_of(s, rule_id) == {"a0": {"T2_X"}, "a1": {"T2_Y"}}
+        rule = s.get(Rule, rule_id)
+        assert rule is not None and rule.state == RuleState.REPLICATING
+        usage_matches_locks(s)
+
+
+def test_usage_counts_the_locks_of_a_partly_extended_rule(world: Factory) -> None:
+    """The first attached file (or dataset) is placed, the next is refused: the rule is
+    STUCK, and the locks that were made are in the account's usage."""
+    with world.begin() as s:
+        rses.add_rse(s, "T2_W", {})
+        quota.set_local_limit(s, "root", "alice", "T2_W", 10_000)
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": f"b{i}", "bytes": 6000} for i in range(2)])
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": f"c{i}", "bytes": 3000} for i in range(4)])
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": "seed", "bytes": 1}])
+        dids.add_collection(s, "alice", "user.alice", "none_ds", DIDType.DATASET)
+        dids.attach(s, "alice", "user.alice", "none_ds",
+                    [{"scope": "user.alice", "name": "seed"}])
+        none_rule = add(s, "alice", "user.alice:none_ds", rse_expression="T2_W",
+                        grouping="NONE")
+        # A container whose rule places dataset by dataset: d1 fits, d2 does not.
+        dids.add_collection(s, "alice", "user.alice", "cont", DIDType.CONTAINER)
+        for name in ("d1", "d2"):
+            dids.add_collection(s, "alice", "user.alice", name, DIDType.DATASET)
+        dids.attach(s, "alice", "user.alice", "d1", [{"scope": "user.alice", "name": "c0"},
+                                                     {"scope": "user.alice", "name": "c1"}])
+        dids.attach(s, "alice", "user.alice", "d2", [{"scope": "user.alice", "name": "c2"},
+                                                     {"scope": "user.alice", "name": "c3"}])
+        cont_rule = add(s, "alice", "user.alice:cont", rse_expression="T2_X")
+    with world.begin() as s:
+        dids.attach(s, "alice", "user.alice", "none_ds",
+                    [{"scope": "user.alice", "name": "b0"},
+                     {"scope": "user.alice", "name": "b1"}])
+        dids.attach(s, "alice", "user.alice", "cont",
+                    [{"scope": "user.alice", "name": "d1"},
+                     {"scope": "user.alice", "name": "d2"}])
+    with world() as s:
+        for rule_id, placed in ((none_rule, {"seed", "b0"}), (cont_rule, {"c0", "c1"})):
+            rule = s.get(Rule, rule_id)
+            assert rule is not None and rule.state == RuleState.STUCK
+            assert set(locks_of(s, rule_id)) == placed
+        usage = {row["rse"]: (row["files"], row["bytes"])
+                 for row in quota.local_usage(s, "alice")}
+        assert usage["T2_W"] == (2, 6001) and usage["T2_X"] == (2, 6000)
+        usage_matches_locks(s)
+
+
+def test_suspended_rules_are_not_extended(world: Factory) -> None:
+    with world.begin() as s:
+        rule_id = add(s, "root", "test:ds2", rse_expression="T2_Y")
+        rules.update_rule(s, "root", rule_id, {"state": "SUSPENDED"})
+        dids.attach(s, "root", "test", "ds2", [{"scope": "test", "name": "f0"}])
+    with world() as s:
+        rule = s.get(Rule, rule_id)
+        assert rule is not None and rule.state == RuleState.SUSPENDED
+        assert set(locks_of(s, rule_id)) == {"f4", "f5"}
+        assert (rule.locks_ok_cnt, rule.locks_replicating_cnt) == (0, 2)
+        usage_matches_locks(s)
+
+
+def test_a_stuck_rule_stays_stuck_while_work_is_unplaced(world: Factory) -> None:
+    """No judge-repairer retries what could not be placed, so a later attachment that does
+    fit must not make the rule look healthy; detaching the unplaced file does."""
+    with world.begin() as s:
+        rses.add_rse(s, "T2_W", {})
+        quota.set_local_limit(s, "root", "alice", "T2_W", 10_000)
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": f"b{i}", "bytes": 6000} for i in range(2)])
+        replicas.add_replicas(s, "alice", "SITE_A", [
+            {"scope": "user.alice", "name": "small", "bytes": 1}])
+        dids.add_collection(s, "alice", "user.alice", "mine", DIDType.DATASET)
+        dids.attach(s, "alice", "user.alice", "mine", [{"scope": "user.alice", "name": "b0"}])
+        rule_id = add(s, "alice", "user.alice:mine", rse_expression="T2_W", grouping="NONE")
+    with world.begin() as s:
+        dids.attach(s, "alice", "user.alice", "mine", [{"scope": "user.alice", "name": "b1"}])
+    with world.begin() as s:
+        quota.set_local_limit(s, "root", "alice", "T2_W", -1)
+        dids.attach(s, "alice", "user.alice", "mine",
+                    [{"scope": "user.alice", "name": "small"}])
+    with world() as s:
+        rule = s.get(Rule, rule_id)
+        assert rule is not None and rule.state == RuleState.STUCK
+        assert rule.error is not None and "quota" in rule.error
+        assert set(locks_of(s, rule_id)) == {"b0", "small"}
+    with world.begin() as s:
+        # Asking for the state again does not hide the unplaced file either.
+        rules.update_rule(s, "root", rule_id, {"state": "REPLICATING"})
+        rule = s.get(Rule, rule_id)
+        assert rule is not None and rule.state == RuleState.STUCK
+    with world.begin() as s:
+        dids.detach(s, "alice", "user.alice", "mine", [{"scope": "user.alice", "name": "b1"}])
+    with world() as s:
+        rule = s.get(Rule, rule_id)
+        assert rule is not None and rule.state == RuleState.REPLICATING
+        assert rule.error is None and rule.stuck_at is None
