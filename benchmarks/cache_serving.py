@@ -335,14 +335,17 @@ ANALYSIS = """Where the time goes (py-spy and strace of the cache on this machin
   "ahead of XCache" for large hits is met or missed with the host here.
 - Small hits: plain GETs of cached small objects are answered by the fast path
   (cache/fastpath.py: one LMDB read transaction, one write of head and body, no aiohttp
-  request machinery), about 4x the requests/s of the full aiohttp handler. Profile of
-  a worker under wrk: the `send` of each answer 28%, epoll 9%, the LMDB read 12%,
-  path checks 6%, the latency histogram 5%; the access counts, written back to the
-  index once a second until this run, took 24% and now, every 5 s, 6%. The Python
-  left per request (about 30 us of the 50 us a request costs a worker, against nginx's
-  15 us all told) is the gap: uvloop instead of asyncio's loop gave only 10% more, and
-  the 0.6x target is not met. Each worker has its own SO_REUSEPORT socket; the kernel
-  hashes connections over them (the split is noted above).
+  request machinery), about 4x the requests/s of the full aiohttp handler. A worker
+  under wrk spends most of its time in the kernel's `send` of each answer (39% of the
+  samples) and in epoll. Two costs were ours and went in session 6: writing the
+  batched access counts back to the index every 5 s took 12% of a worker (every
+  object read since the last write is decoded, re-ranked and encoded again), now every
+  `access_flush` = 15 s (and before a watermark eviction pass); and the latency
+  histogram, two writes to a mapped file per hit (1.8 us, 7%), is now counted in
+  process and added twice a second. Together +14% (36,600 -> 41,600 req/s, 0.55x ->
+  0.63x-0.70x of nginx in three runs). uvloop instead of asyncio's loop changed nothing
+  measurable (36,784 vs 36,585). Each worker has its own SO_REUSEPORT socket; the
+  kernel hashes connections over them (the split is noted above).
 - Miss path: the worker's loop receives from the origin (aiohttp, 64-256 KiB at a
   time) and writes to the client, a write-behind thread writes the blocks (`pwritev`,
   29% of the samples) and computes crc32c. On this host writes into the page cache run
@@ -361,7 +364,9 @@ ANALYSIS = """Where the time goes (py-spy and strace of the cache on this machin
 - The same cache code measured differently on different hosts of the same VM type:
   session 1 published 34,286 small hits/s against nginx's 70,167 (0.49x), and a 3.46x
   miss; session 2, with unchanged cache code, measured 28,390 against 115,766 (0.25x) and
-  5.06x.
+  5.06x. On the AMD host of sessions 5 and 6 the miss ratio ranged 2.41x-3.09x between
+  runs of the same code (3.09x in the table above, 2.41x and 2.74x in two `--only miss`
+  runs of 5 pairs right after it).
 """
 
 
