@@ -14,7 +14,7 @@ from stashflow.integration.config import ConfigError, parse_duration, parse_size
 class CacheConfig:
     directory: Path
     size: int
-    origins: dict[str, str]
+    origins: dict[str, list[str]]  # namespace -> its origins, tried in turn
     listen: str = "127.0.0.1:8000"
     workers: int = 1
     block_size: int = 1 << 20
@@ -120,16 +120,19 @@ class CacheConfig:
         for key, value in flags.items():
             if value is not None and value != () and value != []:
                 values[key] = value
-        origins: dict[str, str] = {}
+        origins: dict[str, list[str]] = {}
         raw_origins = values.pop("origins", None) or values.pop("origin", None) or {}
         if isinstance(raw_origins, dict):
-            origins.update({str(k): str(v) for k, v in raw_origins.items()})
+            # TOML: "/ns" = "URL", or a list of URLs (replicas of one export)
+            for k, v in raw_origins.items():
+                origins[str(k)] = [str(u) for u in v] if isinstance(v, list) else [str(v)]
         else:
             for item in raw_origins:
                 ns, sep, url = str(item).partition("=")
                 if not sep or not ns.startswith("/") or not url:
                     raise ConfigError(f"invalid origin {item!r}: use /ns=URL")
-                origins[ns] = url
+                # --origin /ns=A --origin /ns=B: A first, B when A is unavailable
+                origins.setdefault(ns, []).append(url)
         issuers: dict[str, str] = {}
         raw_issuers = values.pop("issuers", None) or values.pop("issuer", None) or {}
         if isinstance(raw_issuers, dict):

@@ -20,8 +20,8 @@ from stashflow.cache.config import CacheConfig
 
 log = logging.getLogger("stashflow.cache")
 
-# {prefix: (origin URL, require_token, issuer or None, the issuer's token base path)}
-NamespaceInfo = dict[str, tuple[str, bool, str | None, str]]
+# {prefix: (origin URLs, require_token, issuer or None, the issuer's token base path)}
+NamespaceInfo = dict[str, tuple[list[str], bool, str | None, str]]
 
 
 class Membership:
@@ -110,7 +110,7 @@ class Membership:
         for prefix, info in (answer.get("namespaces") or {}).items():
             origins = info.get("origins") or []
             if origins:
-                learned[prefix] = (origins[0], bool(info.get("require_token")),
+                learned[prefix] = (list(origins), bool(info.get("require_token")),
                                    info.get("issuer"), info.get("token_base_path") or "/")
         self._apply(learned)
         if not self.registered.is_set():

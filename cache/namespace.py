@@ -46,7 +46,7 @@ def clean_path(raw_path: str, decoded_path: str) -> str:
 @dataclass
 class Namespace:
     prefix: str  # "/ns", no trailing slash
-    origin_url: str
+    origin_url: str  # the origin's URL; several, comma-separated, for an origin set
     storage: Storage
     protected: bool = False  # reads need a token with storage.read covering the path
 
@@ -67,41 +67,51 @@ class NamespaceMap:
 
     def __init__(
         self,
-        origins: dict[str, str],
+        origins: dict[str, list[str]],
         protected: set[str] | None = None,
         origin_token: str | None = None,
     ) -> None:
         self._spaces: list[Namespace] = []
         self._origin_token = origin_token
         protected = {_norm(p) for p in protected or ()}
-        for prefix, url in origins.items():
+        for prefix, urls in origins.items():
             norm = _norm(prefix)
-            self._spaces.append(Namespace(norm, url, self._open(url), norm in protected))
+            self._spaces.append(
+                Namespace(norm, ", ".join(urls), self._open(urls), norm in protected)
+            )
         self._sort()
 
-    def _open(self, url: str) -> Storage:
-        if self._origin_token and url.startswith(("http://", "https://")):
-            return open_storage(url, token=self._origin_token)
-        return open_storage(url)
+    def _open(self, urls: list[str]) -> Storage:
+        def one(url: str) -> Storage:
+            if self._origin_token and url.startswith(("http://", "https://")):
+                return open_storage(url, token=self._origin_token)
+            return open_storage(url)
+
+        if len(urls) == 1:
+            return one(urls[0])
+        from stashflow.cache.origins import OriginSet
+
+        return OriginSet([one(url) for url in urls])
 
     def _sort(self) -> None:
         # longest prefix first so that /ns/sub wins over /ns
         self._spaces.sort(key=lambda ns: len(ns.prefix), reverse=True)
 
-    def update(self, learned: dict[str, tuple[str, bool]]) -> list[Storage]:
-        """Apply the director's namespace map {prefix: (origin URL, protected)}.
+    def update(self, learned: dict[str, tuple[list[str], bool]]) -> list[Storage]:
+        """Apply the director's namespace map {prefix: (origin URLs, protected)}.
         Locally configured namespaces are kept as they are; learned ones are added or
         changed. Returns storages no longer used (for the caller to close)."""
         retired: list[Storage] = []
         current = {ns.prefix: ns for ns in self._spaces}
-        for prefix, (url, protected) in learned.items():
+        for prefix, (urls, protected) in learned.items():
             norm = _norm(prefix)
             ns = current.get(norm)
+            shown = ", ".join(urls)
             if ns is None:
-                self._spaces.append(Namespace(norm, url, self._open(url), protected))
-            elif ns.origin_url != url:
+                self._spaces.append(Namespace(norm, shown, self._open(urls), protected))
+            elif ns.origin_url != shown:
                 retired.append(ns.storage)
-                ns.origin_url, ns.storage = url, self._open(url)
+                ns.origin_url, ns.storage = shown, self._open(urls)
                 ns.protected = ns.protected or protected
             else:
                 ns.protected = ns.protected or protected

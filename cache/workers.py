@@ -191,7 +191,7 @@ def serve(cfg: CacheConfig) -> None:
         "cache listening on %s with %d worker(s), %s",
         cfg.listen,
         cfg.workers,
-        ", ".join(f"{k} -> {v}" for k, v in cfg.origins.items()),
+        ", ".join(f"{k} -> {' | '.join(v)}" for k, v in cfg.origins.items()),
     )
     if cfg.workers <= 1:
         asyncio.run(_run_worker(cfg))
