@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -85,19 +87,66 @@ def account_dict(row: Account) -> dict[str, object]:
     }
 
 
+# Rucio's schema for account attribute keys and values (common/schema/generic.py).
+_ATTRIBUTE = re.compile(r"[a-zA-Z0-9\-_\\/.]{1,30}")
+
+
+def _stored(value: str) -> str:
+    # Rucio's BooleanString column: "True"/"FALSE"/... are kept as "true"/"false".
+    return value.lower() if value.lower() in ("true", "false") else value
+
+
+def _loaded(value: str | None) -> str | bool | None:
+    if value is not None and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def add_attribute(session: Session, account: str, key: Any, value: Any) -> None:
+    """Rucio's add_account_attribute: a new key only (Duplicate otherwise), on an active
+    account, key and value matching Rucio's account_attribute schema."""
+    for what, text in (("key", key), ("value", value)):
+        if not isinstance(text, str) or not _ATTRIBUTE.fullmatch(text):
+            raise InvalidObject(f"Invalid account attribute {what} {str(text)[:100]!r}: "
+                                f"1 to 30 of a-z A-Z 0-9 - _ \\ / .")
+    get_account(session, account)
+    if session.get(AccountAttribute, (account, key)) is not None:
+        raise Duplicate(f"Key {key} already exist for account {account}!")
+    session.add(AccountAttribute(account=account, key=key, value=_stored(value)))
+    session.flush()
+
+
+def delete_attribute(session: Session, account: str, key: str) -> None:
+    row = session.get(AccountAttribute, (account, key))
+    if row is None:
+        raise AccountNotFound(f"Attribute ({key}) does not exist for the account {account}!")
+    session.delete(row)
+    session.flush()
+
+
+def list_attributes(session: Session, account: str) -> list[dict[str, Any]]:
+    get_account(session, account)
+    return [{"key": row.key, "value": _loaded(row.value)} for row in session.scalars(
+        select(AccountAttribute).where(AccountAttribute.account == account)
+        .order_by(AccountAttribute.key))]
+
+
 def set_attribute(session: Session, account: str, key: str, value: str) -> None:
     get_account(session, account)
     row = session.get(AccountAttribute, (account, key))
     if row is None:
-        session.add(AccountAttribute(account=account, key=key, value=value))
+        session.add(AccountAttribute(account=account, key=key, value=_stored(value)))
     else:
-        row.value = value
+        row.value = _stored(value)
     session.flush()
 
 
 def is_admin(session: Session, account: str) -> bool:
-    row = session.get(AccountAttribute, (account, "admin"))
-    return row is not None and str(row.value).lower() in ("true", "1")
+    """Rucio's default policy (core/permission/generic.py): root, or any account that has
+    the attribute `admin`, whatever its value (has_account_attribute tests presence)."""
+    if account == "root":
+        return True
+    return session.get(AccountAttribute, (account, "admin")) is not None
 
 
 def add_userpass_identity(session: Session, username: str, password: str, account: str,

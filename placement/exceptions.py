@@ -22,6 +22,11 @@ class InvalidObject(RucioException):
     status = 400
 
 
+class InputValidationError(RucioException):
+    # Rucio's rule update answers 409 for it (web/rest/flaskapi/v1/rules.py, put).
+    status = 409
+
+
 class InvalidValueForKey(RucioException):
     status = 400
 

@@ -334,6 +334,16 @@ def set_limit(session: Session, rse: str, name: str, value: int) -> None:
         limit.value = value
 
 
+def delete_limits(session: Session, rse: str, name: str | None) -> None:
+    """Remove the limit `name` of the RSE, or all its limits for None (Rucio's
+    delete_rse_limits); a missing limit is no error."""
+    row = get_rse(session, rse)
+    query = delete(RSELimit).where(RSELimit.rse_id == row.id)
+    if name is not None:
+        query = query.where(RSELimit.name == name)
+    session.execute(query)
+
+
 def limits_of(session: Session, row: RSE) -> dict[str, int]:
     return {r.name: r.value for r in session.scalars(
         select(RSELimit).where(RSELimit.rse_id == row.id))}

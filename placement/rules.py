@@ -33,6 +33,7 @@ from stashflow.placement.dids import (
 from stashflow.placement.exceptions import (
     AccessDenied,
     DuplicateRule,
+    InputValidationError,
     InsufficientAccountLimit,
     InsufficientTargetRSEs,
     InvalidObject,
@@ -503,6 +504,9 @@ def _refresh_state(session: Session, rule: Rule, recheck: bool = False) -> None:
         # The error and the time describe why and since when the rule is stuck.
         rule.error = None
         rule.stuck_at = None
+    if state == RuleState.OK and rule.state != RuleState.OK:
+        # Only on the transition: the lookup is paid once per rule reaching OK.
+        _release_parents(session, rule)
     rule.state = state
 
 
@@ -669,6 +673,9 @@ def delete_rule(session: Session, caller: str, rule_id: str,
     if rule.locked:
         raise UnsupportedOperation(f"The replication rule {rule.id} is locked and has to be "
                                    f"unlocked before it can be deleted.")
+    if rule.child_rule_id is not None:
+        raise UnsupportedOperation(f"The replication rule {rule.id} has a child rule and "
+                                   f"thus cannot be deleted.")
     if purge_replicas is not None:
         rule.purge_replicas = purge_replicas
     deadline = utcnow() + SOFT_DELETE_DELAY
@@ -677,7 +684,11 @@ def delete_rule(session: Session, caller: str, rule_id: str,
 
 
 _UPDATABLE = {"lifetime", "locked", "comment", "activity", "priority", "purge_replicas",
-              "approve", "account", "state", "source_replica_expression", "meta"}
+              "approve", "account", "state", "source_replica_expression", "meta",
+              "cancel_requests", "boost_rule", "child_rule_id"}
+# How far `boost_rule` moves a rule's (and its stuck locks') updated_at back, as in Rucio,
+# whose judge-repairer leaves a rule alone for a while (30 min) after its last update.
+BOOST = timedelta(days=1)
 
 
 def update_rule(session: Session, caller: str, rule_id: str, options: Any) -> None:
@@ -688,6 +699,8 @@ def update_rule(session: Session, caller: str, rule_id: str, options: Any) -> No
         raise InvalidObject(f"Rule options that cannot be updated: {', '.join(sorted(unknown))}")
     rule = get_rule(session, rule_id)
     _check_owner(session, caller, rule, "update")
+    # As in Rucio, cancel_requests only qualifies a state change; alone it does nothing.
+    cancel = _as_bool("cancel_requests", options.get("cancel_requests", False))
     for key, value in options.items():
         if key == "lifetime":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -716,16 +729,133 @@ def update_rule(session: Session, caller: str, rule_id: str, options: Any) -> No
             get_account(session, str(value))
             _move_usage(session, rule, str(value))
         elif key == "state":
-            if str(value).upper() == "SUSPENDED":
-                rule.state = RuleState.SUSPENDED
-            elif str(value).upper() in ("STUCK", "REPLICATING", "OK"):
-                if rule.state == RuleState.SUSPENDED:
-                    rule.state = RuleState.REPLICATING
-                _refresh_state(session, rule, recheck=True)
-            else:
-                raise InvalidReplicationRule(f"A rule cannot be set to state {value!r}")
+            _set_state(session, rule, value, cancel)
         elif key == "approve":
             _approve(session, caller, rule, _as_bool("approve", value))
+        elif key == "child_rule_id":
+            _set_child(session, rule, value)
+    # After the loop, as in Rucio: boosting a rule that this same update made STUCK must
+    # move the new lock times too.
+    if "boost_rule" in options and _as_bool("boost_rule", options["boost_rule"]):
+        _boost(session, rule)
+
+
+def _set_state(session: Session, rule: Rule, value: Any, cancel: bool) -> None:
+    """Rucio's update_rule(state=...): SUSPENDED suspends; STUCK marks the rule's
+    REPLICATING locks STUCK so that the judge-repairer retries them; with `cancel` every
+    REPLICATING lock on those replicas (whichever rule holds it) is STUCK, its rule too,
+    the transfer requests are dropped and the copies are UNAVAILABLE. REPLICATING and OK,
+    which Rucio accepts without acting on them, re-evaluate the state from the locks."""
+    wanted = str(value).upper()
+    if wanted not in ("SUSPENDED", "STUCK", "REPLICATING", "OK"):
+        raise InvalidReplicationRule(f"A rule cannot be set to state {value!r}")
+    if cancel:
+        _cancel_requests(session, rule)
+    if wanted == "SUSPENDED":
+        rule.state = RuleState.SUSPENDED
+    elif wanted == "STUCK":
+        by_rse: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for rse_id, scope, name in session.execute(select(
+                Lock.rse_id, Lock.scope, Lock.name).where(
+                Lock.rule_id == rule.id, Lock.state == LockState.REPLICATING)):
+            by_rse[rse_id].append((scope, name))
+        now = utcnow()
+        for rse_id, keys in by_rse.items():
+            for i in range(0, len(keys), CHUNK):
+                session.execute(update(Lock).where(
+                    Lock.rule_id == rule.id, Lock.rse_id == rse_id,
+                    keys_in(Lock.scope, Lock.name, keys[i:i + CHUNK]),
+                    Lock.state == LockState.REPLICATING)
+                    .values(state=LockState.STUCK, updated_at=now)
+                    .execution_options(synchronize_session=False))
+            _count(rule, LockState.REPLICATING, -len(keys))
+            _count(rule, LockState.STUCK, len(keys))
+        # As in Rucio the rule is STUCK even with nothing left to replicate: there the
+        # judge-repairer re-evaluates it; here (no repairer yet) asking for REPLICATING
+        # or OK does.
+        rule.state = RuleState.STUCK
+        rule.stuck_at = now
+    else:
+        if rule.state == RuleState.SUSPENDED:
+            rule.state = RuleState.REPLICATING
+        _refresh_state(session, rule, recheck=True)
+
+
+def _cancel_requests(session: Session, rule: Rule) -> None:
+    """Rucio's cancel_requests: for each REPLICATING lock of the rule, the copy being made
+    is given up. Other rules waiting for the same copy are STUCK as well, since the
+    transfer they were waiting for is gone."""
+    by_rse: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for rse_id, scope, name in session.execute(select(Lock.rse_id, Lock.scope, Lock.name).where(
+            Lock.rule_id == rule.id, Lock.state == LockState.REPLICATING)):
+        by_rse[rse_id].append((scope, name))
+    now = utcnow()
+    for rse_id, keys in by_rse.items():
+        locks, holders = _locks_on(session, rse_id, keys, (LockState.REPLICATING,))
+        _set_lock_states(session, rse_id, locks, LockState.STUCK)
+        for lock in locks:
+            holder = holders[lock.rule_id]
+            _count(holder, LockState.REPLICATING, -1)
+            _count(holder, LockState.STUCK, 1)
+            if holder.state != RuleState.SUSPENDED:
+                holder.state = RuleState.STUCK
+                if holder.stuck_at is None:
+                    holder.stuck_at = now
+        for i in range(0, len(keys), CHUNK):
+            chunk = keys[i:i + CHUNK]
+            session.execute(delete(Request).where(
+                Request.dest_rse_id == rse_id, Request.request_type == RequestType.TRANSFER,
+                keys_in(Request.scope, Request.name, chunk)))
+            # An AVAILABLE copy would have made the lock OK already; the guard keeps a
+            # racing arrival from being undone.
+            session.execute(update(Replica).where(
+                Replica.rse_id == rse_id, keys_in(Replica.scope, Replica.name, chunk),
+                Replica.state != ReplicaState.AVAILABLE)
+                .values(state=ReplicaState.UNAVAILABLE, updated_at=now)
+                .execution_options(synchronize_session=False))
+
+
+def _set_child(session: Session, rule: Rule, child_id: Any) -> None:
+    """Rucio's parent/child relation (rule moves): the parent is not removed while its
+    child is not OK. `None` dissolves the relation and the parent's expiry."""
+    if child_id is None:
+        if not rule.child_rule_id:
+            raise InputValidationError("Cannot detach child when no such relationship exists")
+        rule.child_rule_id = None
+        rule.expires_at = None
+        return
+    child = get_rule(session, str(child_id))
+    if (rule.scope, rule.name) != (child.scope, child.name):
+        raise InputValidationError("Parent and child rule must be set on the same dataset.")
+    if child.id == rule.id:
+        raise InputValidationError("Self-referencing parent/child-relationship.")
+    # As in Rucio, a child that is OK already releases its parent at once, so the
+    # relation is not recorded at all.
+    if child.state != RuleState.OK:
+        rule.child_rule_id = child.id
+
+
+def _boost(session: Session, rule: Rule) -> None:
+    """Rucio's boost_rule: date the rule and its stuck locks back so that a repairer,
+    which waits after a rule's last update, takes it on its next round. Kept for
+    compatibility: there is no repairer here yet, so only the times change."""
+    # Rucio subtracts a day from each time; a common "a day ago" is what the repairer
+    # sees the same way, and needs no date arithmetic in SQL (SQLite has none for it).
+    then = utcnow() - BOOST
+    session.execute(update(Lock).where(Lock.rule_id == rule.id, Lock.state == LockState.STUCK)
+                    .values(updated_at=then).execution_options(synchronize_session=False))
+    rule.updated_at = then
+
+
+def _release_parents(session: Session, child: Rule, drop_expiry: bool = False) -> None:
+    """The child became OK (or, with `drop_expiry`, went away): its parents are released,
+    as in Rucio's release_parent_rule; a released parent that has expired is then removed
+    by the cleaner like any other."""
+    values: dict[str, Any] = {"child_rule_id": None}
+    if drop_expiry:
+        values["expires_at"] = None
+    session.execute(update(Rule).where(Rule.child_rule_id == child.id).values(**values)
+                    .execution_options(synchronize_session="fetch"))
 
 
 def _move_usage(session: Session, rule: Rule, account: str) -> None:
@@ -757,7 +887,9 @@ def clean_expired(session: Session, now: datetime | None = None, limit: int = 10
     # SKIP LOCKED: several cleaners (or a cleaner and a user request) share the work
     # instead of waiting for each other.
     rules = list(session.scalars(select(Rule).where(
-        Rule.expires_at.is_not(None), Rule.expires_at < now, Rule.locked.is_(False))
+        Rule.expires_at.is_not(None), Rule.expires_at < now, Rule.locked.is_(False),
+        # A parent stays until its child is OK (Rucio's get_expired_rules).
+        Rule.child_rule_id.is_(None))
         .order_by(Rule.expires_at).limit(limit)
         .with_for_update(skip_locked=True, key_share=True)))
     for rule in rules:
@@ -767,6 +899,8 @@ def clean_expired(session: Session, now: datetime | None = None, limit: int = 10
 
 def remove_rule_now(session: Session, rule: Rule) -> None:
     release_locks(session, rule, None)
+    # As in Rucio, a parent whose child goes keeps its data: no expiry, no child.
+    _release_parents(session, rule, drop_expiry=True)
     session.delete(rule)
     session.flush()
 

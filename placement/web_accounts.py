@@ -124,6 +124,34 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         await catalog.call(request, work)
         return created()
 
+    async def list_attributes(request: web.Request) -> web.Response:
+        name = request.match_info["account"]
+        # A JSON document (the client's list_account_attributes yields it whole).
+        return json_response(await catalog.call(
+            request, lambda s, _c: accounts.list_attributes(s, name)))
+
+    async def add_attribute(request: web.Request) -> web.Response:
+        name, key = request.match_info["account"], request.match_info["key"]
+        # Rucio's client also sends the key in the body; the one in the path counts.
+        body = await read_json(request, allowed={"key", "value"}, required=("value",))
+
+        def work(session: Session, caller: str) -> None:
+            _require_admin(session, caller, "add attributes")
+            accounts.add_attribute(session, name, key, body["value"])
+
+        await catalog.call(request, work)
+        return created()
+
+    async def delete_attribute(request: web.Request) -> web.Response:
+        name, key = request.match_info["account"], request.match_info["key"]
+
+        def work(session: Session, caller: str) -> None:
+            _require_admin(session, caller, "delete attribute")
+            accounts.delete_attribute(session, name, key)
+
+        await catalog.call(request, work)
+        return ok()
+
     async def add_scope(request: web.Request) -> web.Response:
         account, scope = request.match_info["account"], request.match_info["scope"]
 
@@ -238,6 +266,10 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         web.get("/accounts/{account}", get_account),
         web.post("/accounts/{account}", add_account),
         web.post("/accounts/{account}/identities", add_identity),
+        web.get("/accounts/{account}/attr", list_attributes),
+        web.get("/accounts/{account}/attr/", list_attributes),
+        web.post("/accounts/{account}/attr/{key}", add_attribute),
+        web.delete("/accounts/{account}/attr/{key}", delete_attribute),
         web.post("/accounts/{account}/scopes/{scope}", add_scope),
         web.get("/accounts/{account}/scopes", account_scopes),
         web.get("/accounts/{account}/scopes/", account_scopes),

@@ -209,6 +209,22 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         await catalog.call(request, work)
         return ok()
 
+    async def delete_limits(request: web.Request) -> web.Response:
+        name = request.match_info["rse"]
+        # As in Rucio 41: `name` is required in the body; null removes every limit, and
+        # removing a limit that is not there is not an error.
+        body = await read_json(request, allowed={"name"}, required=("name",))
+        limit = body["name"]
+        if limit is not None and not isinstance(limit, str):
+            raise InvalidObject("An RSE limit name must be a string")
+
+        def work(session: Session, caller: str) -> None:
+            _admin(session, caller, f"update RSE limits for RSE {name}")
+            rses.delete_limits(session, name, limit)
+
+        await catalog.call(request, work)
+        return ok()
+
     async def set_distance(request: web.Request) -> web.Response:
         source, dest = request.match_info["rse"], request.match_info["dest"]
         body = await read_json(request, allowed={"distance", "bidirectional", "ranking"},
@@ -273,6 +289,7 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         web.delete(proto + "/{hostname}/{port}", delete_protocol),
         web.get(base + "/usage", get_usage), web.put(base + "/usage", set_usage),
         web.get(base + "/limits", get_limits), web.put(base + "/limits", set_limit),
+        web.delete(base + "/limits", delete_limits),
         web.post(base + "/distances/{dest}", set_distance),
         web.put(base + "/distances/{dest}", update_distance),
         web.get(base + "/distances/{dest}", get_distance),

@@ -11,6 +11,9 @@ from urllib.parse import quote, quote_plus
 import pytest
 import requests
 from rucio.common import exception as rucio_exc
+from sqlalchemy import func, inspect, select, table
+
+from stashflow.placement.db import make_engine
 
 from .conftest import Server
 from .test_rest_auth import envelope, login
@@ -34,6 +37,20 @@ class Http:
         return dict(response.json())
 
 
+def row_counts(server: Server) -> dict[str, int]:
+    """Rows of every table of the catalog's schema, read from the database itself, so that
+    a refused write to any table (RSEs, accounts, scopes, limits, protocols, ...) shows."""
+    engine = make_engine(server.db_url)
+    try:
+        with engine.connect() as conn:
+            names = inspect(conn).get_table_names()
+            assert len(names) > 20
+            return {name: int(conn.scalar(select(func.count()).select_from(table(name))) or 0)
+                    for name in names}
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def http(server: Server) -> Http:
     client = server.client()
@@ -50,7 +67,9 @@ RULE = {"dids": [{"scope": "test", "name": "ds"}], "copies": 1, "rse_expression"
 
 def test_bad_input_is_refused_cleanly_and_writes_nothing(http: Http, server: Server,
                                                          tmp_path: Any) -> None:
-    before = http.stats()
+    # Logged in before counting: a login writes a token, which is not what is checked.
+    client = server.client()
+    before, rows_before = http.stats(), row_counts(server)
     # malformed JSON, wrong JSON shapes
     envelope(http("POST", "/rules/", raw="{not json"), 400, "ValueError")
     envelope(http("POST", "/rules/", raw=b"\xff\xfe"), 400, "ValueError")
@@ -107,9 +126,25 @@ def test_bad_input_is_refused_cleanly_and_writes_nothing(http: Http, server: Ser
              "InvalidObject")
     envelope(http("POST", "/rses/SITE_A/protocols/https", {"port": "x"}), 400,
              "InvalidObject")
+    # refused writes to the other tables
+    envelope(http("PUT", "/rses/SITE_A/limits", {"name": "MinFreeSpace", "value": "1"}), 400,
+             "InvalidObject")
+    envelope(http("DELETE", "/rses/SITE_A/limits", {}), 400, "KeyError")
+    envelope(http("DELETE", "/rses/SITE_A/limits", {"name": 1}), 400, "InvalidObject")
+    envelope(http("POST", "/accounts/root/attr/" + quote("bad key!"), {"value": "1"}), 400,
+             "InvalidObject")
+    envelope(http("POST", "/accounts/root/attr/k", {"value": True}), 400, "InvalidObject")
+    envelope(http("POST", "/accounts/nobody/attr/k", {"value": "1"}), 404,
+             "AccountNotFound")
+    envelope(http("POST", "/rses/SITE_A/attr/tier", {"colour": "1"}), 400, "InvalidObject")
+    envelope(http("POST", "/accounts/root/limits/local/NO_SUCH_RSE", {"bytes": 1}), 404,
+             "RSENotFound")
+    envelope(http("POST", "/accounts/nobody/scopes/newscope"), 404, "AccountNotFound")
+    envelope(http("POST", "/rses/SITE_A/distances/NO_SUCH_RSE", {"distance": 1}), 404,
+             "RSENotFound")
     assert http.stats() == before
+    assert row_counts(server) == rows_before
     # The rucio client surfaces the same refusals as its own exceptions.
-    client = server.client()
     with pytest.raises(rucio_exc.InvalidObject):
         client.add_dataset("test", huge)
     with pytest.raises(rucio_exc.InvalidRSEExpression):
@@ -121,6 +156,7 @@ def test_bad_input_is_refused_cleanly_and_writes_nothing(http: Http, server: Ser
     with pytest.raises(rucio_exc.RuleNotFound):
         client.get_replication_rule("0" * 32)
     assert http.stats() == before
+    assert row_counts(server) == rows_before
 
 
 def test_wire_details(http: Http, server: Server) -> None:

@@ -293,3 +293,87 @@ def test_status_knows_only_open(server: Server) -> None:
     with pytest.raises(UnsupportedOperation):
         client.set_status("x", "ds", open=False)
     assert client.get_did("x", "ds")["open"] is False
+
+
+def test_rule_update_rse_limits_and_account_attributes(server: Server) -> None:
+    """`rucio rule update --stuck --cancel-requests / --boost-rule / --child-rule-id`,
+    `rucio rse limit unset` (delete_rse_limits) and account attributes, with an admin
+    other than root made through the API."""
+    import pytest
+    from rucio.common.exception import (
+        AccessDenied,
+        AccountNotFound,
+        Duplicate,
+        InputValidationError,
+        UnsupportedOperation,
+    )
+
+    rucio, client = server.rucio, server.client()
+    client.add_scope("root", "x")
+    for name in ("SITE_A", "SITE_B", "SITE_C"):
+        client.add_rse(name)
+    client.add_replicas("SITE_A", [{"scope": "x", "name": f"f{i}", "bytes": 1}
+                                   for i in range(2)])
+    client.add_dataset("x", "ds")
+    client.attach_dids("x", "ds", [{"scope": "x", "name": f"f{i}"} for i in range(2)])
+    did = [{"scope": "x", "name": "ds"}]
+    [parent] = client.add_replication_rule(did, 1, "SITE_A")
+    [child] = client.add_replication_rule(did, 1, "SITE_B")
+    [stuck] = client.add_replication_rule(did, 1, "SITE_C")
+
+    out = rucio("rule", "update", stuck, "--stuck", "--cancel-requests").stdout
+    assert "Updated Rule" in out
+    shown = client.get_replication_rule(stuck)
+    assert (shown["state"], shown["locks_stuck_cnt"], shown["locks_replicating_cnt"]) == (
+        "STUCK", 2, 0)
+    states = {line["name"]: line["states"].get("SITE_C") for line in client.list_replicas(
+        [{"scope": "x", "name": "ds"}], all_states=True)}
+    assert states == {"f0": "UNAVAILABLE", "f1": "UNAVAILABLE"}
+    rucio("rule", "update", stuck, "--boost-rule")
+    assert client.get_replication_rule(stuck)["state"] == "STUCK"
+
+    rucio("rule", "update", parent, "--child-rule-id", child)
+    assert client.get_replication_rule(parent)["child_rule_id"] == child
+    with pytest.raises(UnsupportedOperation):
+        client.delete_replication_rule(parent)
+    with pytest.raises(InputValidationError):
+        client.update_replication_rule(parent, {"child_rule_id": parent})
+    rucio("rule", "update", parent, "--child-rule-id", "None")
+    assert client.get_replication_rule(parent)["child_rule_id"] is None
+
+    client.set_rse_limits("SITE_A", "MinFreeSpace", 100)
+    client.set_rse_limits("SITE_A", "MaxSpaceAvailable", 1000)
+    rucio("rse", "limit", "unset", "SITE_A", "--limit", "MinFreeSpace")
+    assert client.get_rse_limits("SITE_A") == {"MaxSpaceAvailable": 1000}
+    assert client.delete_rse_limits("SITE_A", "NotThere") is True
+
+    client.add_account("bob", "USER", "bob@example.org")
+    client.add_identity("bob", "bob", "USERPASS", "bob@example.org", default=True,
+                        password="bobpw")
+    bob = server.client(account="bob", username="bob", password="bobpw")
+    with pytest.raises(AccessDenied):
+        bob.add_rse("SITE_BOB")
+    with pytest.raises(AccessDenied):
+        bob.add_account_attribute("bob", "admin", "True")
+    assert client.add_account_attribute("bob", "country", "ch") is True
+    with pytest.raises(Duplicate):
+        client.add_account_attribute("bob", "country", "de")
+    with pytest.raises(AccountNotFound):
+        client.add_account_attribute("nobody", "admin", "True")
+    rucio("account", "attribute", "set", "bob", "--key", "admin", "--value", "True")
+    [attributes] = list(client.list_account_attributes("bob"))
+    assert attributes == [{"key": "admin", "value": True}, {"key": "country", "value": "ch"}]
+    listed = rucio("account", "attribute", "list", "bob").stdout
+    assert "admin" in listed and "country" in listed and "ch" in listed
+    # bob is an admin now: he may add RSEs and move other accounts' rules.
+    assert bob.add_rse("SITE_BOB") is True
+    assert bob.set_rse_limits("SITE_BOB", "MinFreeSpace", 1) is True
+    bob.update_replication_rule(parent, {"comment": "checked by bob"})
+    assert client.get_replication_rule(parent)["comments"] == "checked by bob"
+    rucio("account", "attribute", "unset", "bob", "--key", "admin")
+    with pytest.raises(AccountNotFound):
+        client.delete_account_attribute("bob", "admin")
+    with pytest.raises(AccessDenied):
+        bob.add_rse("SITE_BOB2")
+    [attributes] = list(client.list_account_attributes("bob"))
+    assert attributes == [{"key": "country", "value": "ch"}]

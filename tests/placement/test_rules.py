@@ -15,11 +15,13 @@ from stashflow.placement.dids import CHUNK
 from stashflow.placement.exceptions import (
     AccessDenied,
     DuplicateRule,
+    InputValidationError,
     InsufficientAccountLimit,
     InsufficientTargetRSEs,
     InvalidRSEExpression,
     InvalidRuleWeight,
     RSEOverQuota,
+    RuleNotFound,
     UnsupportedOperation,
 )
 from stashflow.placement.models import (
@@ -578,3 +580,105 @@ def test_a_stuck_rule_stays_stuck_while_work_is_unplaced(world: Factory) -> None
         rule = s.get(Rule, rule_id)
         assert rule is not None and rule.state == RuleState.REPLICATING
         assert rule.error is None and rule.stuck_at is None
+
+
+def rse_id(s: Session, name: str) -> str:
+    return rses.get_rse(s, name).id
+
+
+def test_asking_for_stuck_marks_locks_and_cancel_requests_gives_the_copies_up(
+        world: Factory) -> None:
+    """Rucio's update_rule(state=STUCK): the rule's REPLICATING locks become STUCK (so the
+    repairer retries them), requests stay; with cancel_requests every REPLICATING lock on
+    those replicas is STUCK with its rule, the requests go and the copies are
+    UNAVAILABLE."""
+    with world.begin() as s:
+        plain = add(s, "root", "test:ds1", rse_expression="T2_X")
+        cancelled = add(s, "root", "test:ds2", rse_expression="T2_Y")
+        other = add(s, "root", "test:f4", rse_expression="T2_Y")
+        rules.update_rule(s, "root", plain, {"state": "STUCK"})
+    with world() as s:
+        rule = s.get(Rule, plain)
+        assert rule is not None and rule.state == RuleState.STUCK
+        assert rule.stuck_at is not None
+        assert (rule.locks_ok_cnt, rule.locks_replicating_cnt, rule.locks_stuck_cnt) == (
+            0, 0, 4)
+        assert count(s, Lock, Lock.rule_id == plain, Lock.state == LockState.STUCK) == 4
+        x = rse_id(s, "T2_X")
+        assert count(s, Request, Request.dest_rse_id == x) == 4
+        assert count(s, Replica, Replica.rse_id == x,
+                     Replica.state == ReplicaState.COPYING) == 4
+    with world.begin() as s:
+        rules.update_rule(s, "root", cancelled, {"state": "STUCK", "cancel_requests": True})
+    with world() as s:
+        y = rse_id(s, "T2_Y")
+        for rule_id, locks in ((cancelled, 2), (other, 1)):
+            rule = s.get(Rule, rule_id)
+            assert rule is not None and rule.state == RuleState.STUCK
+            assert (rule.locks_replicating_cnt, rule.locks_stuck_cnt) == (0, locks)
+        assert count(s, Request, Request.dest_rse_id == y) == 0
+        assert count(s, Replica, Replica.rse_id == y,
+                     Replica.state == ReplicaState.UNAVAILABLE) == 2
+        # The other rule's requests were not touched.
+        assert count(s, Request, Request.dest_rse_id == rse_id(s, "T2_X")) == 4
+        usage_matches_locks(s)
+    with world.begin() as s:
+        # cancel_requests alone does nothing, as in Rucio; SUSPENDED still suspends.
+        rules.update_rule(s, "root", plain, {"cancel_requests": True})
+        assert count(s, Request, Request.dest_rse_id == rse_id(s, "T2_X")) == 4
+        rules.update_rule(s, "root", plain, {"state": "SUSPENDED"})
+        rule = s.get(Rule, plain)
+        assert rule is not None and rule.state == RuleState.SUSPENDED
+
+
+def test_child_rules_and_boost(world: Factory) -> None:
+    """Rucio's parent/child relation: same DID only, never itself; the parent cannot be
+    deleted nor cleaned while it has a child, and is released when the child is OK."""
+    with world.begin() as s:
+        parent = add(s, "root", "test:ds2", rse_expression="SITE_A")
+        child = add(s, "root", "test:ds2", rse_expression="T2_Y")
+        elsewhere = add(s, "root", "test:ds1", rse_expression="T2_X")
+        with pytest.raises(InputValidationError, match="same dataset"):
+            rules.update_rule(s, "root", parent, {"child_rule_id": elsewhere})
+        with pytest.raises(InputValidationError, match="Self-referencing"):
+            rules.update_rule(s, "root", parent, {"child_rule_id": parent})
+        with pytest.raises(InputValidationError, match="no such relationship"):
+            rules.update_rule(s, "root", parent, {"child_rule_id": None})
+        with pytest.raises(RuleNotFound):
+            rules.update_rule(s, "root", parent, {"child_rule_id": "0" * 32})
+        rules.update_rule(s, "root", parent, {"child_rule_id": child, "lifetime": 0})
+        row = s.get(Rule, parent)
+        assert row is not None and row.child_rule_id == child
+        with pytest.raises(UnsupportedOperation, match="child rule"):
+            rules.delete_rule(s, "root", parent)
+    with world.begin() as s:
+        assert rules.clean_expired(s, utcnow() + timedelta(seconds=5)) == 0
+        # The child's copies arrive: the child is OK and lets its parent go.
+        rules.replicas_available(s, rse_id(s, "T2_Y"), [("test", "f4"), ("test", "f5")])
+    with world.begin() as s:
+        row = s.get(Rule, parent)
+        assert row is not None and row.child_rule_id is None
+        assert rules.clean_expired(s, utcnow() + timedelta(seconds=5)) == 1
+        assert s.get(Rule, parent) is None
+        # Dissolving a relation also drops the parent's expiry, as in Rucio.
+        again = add(s, "root", "test:ds1", rse_expression="SITE_A")
+        rules.update_rule(s, "root", again, {"child_rule_id": elsewhere, "lifetime": 60})
+        rules.update_rule(s, "root", again, {"child_rule_id": None})
+        row = s.get(Rule, again)
+        assert row is not None and row.child_rule_id is None and row.expires_at is None
+        # Removing a child releases its parent and keeps the parent's data.
+        rules.update_rule(s, "root", again, {"child_rule_id": elsewhere, "lifetime": 0})
+        elsewhere_row = s.get(Rule, elsewhere)
+        assert elsewhere_row is not None
+        rules.remove_rule_now(s, elsewhere_row)
+        row = s.get(Rule, again)
+        assert row is not None and row.child_rule_id is None and row.expires_at is None
+    with world.begin() as s:
+        stuck = add(s, "root", "test:ds1", rse_expression="T2_X")
+        rules.update_rule(s, "root", stuck, {"state": "STUCK", "boost_rule": True})
+    with world() as s:
+        row = s.get(Rule, stuck)
+        assert row is not None and row.state == RuleState.STUCK
+        assert row.updated_at < utcnow() - timedelta(hours=23)
+        assert count(s, Lock, Lock.rule_id == stuck,
+                     Lock.updated_at < utcnow() - timedelta(hours=23)) == 4
