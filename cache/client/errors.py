@@ -4,7 +4,8 @@ Exit codes of `stashcp` (documented in docs/stashcp.md):
 
 ====  =========================================================================
 0     every object was transferred and verified
-2     usage or configuration error (bad option, no director configured)
+2     usage or configuration error (bad option, no director configured, an upload
+      to a namespace that has no http(s) origin)
 10    not found: the object (or its namespace) does not exist — permanent
 11    authorization: no token, expired token, or a scope that does not cover the
       object — permanent until a new token is supplied

@@ -149,17 +149,20 @@ def _local_target(dest: str, name: str, many: bool) -> Path:
 
 async def _plan_downloads(
     client: Client, sources: list[str], dest: str, recursive: bool
-) -> tuple[list[tuple[Remote, Path]], list[Result]]:
-    plan: list[tuple[Remote, Path]] = []
+) -> tuple[list[tuple[Remote, Path, int]], list[Result]]:
+    """(remote, local path, index of the SOURCE argument) per object, and the sources
+    that failed already while planning."""
+    plan: list[tuple[Remote, Path, int]] = []
     failed: list[Result] = []
     many = len(sources) > 1
     dest_is_dir = await asyncio.to_thread(os.path.isdir, dest)
-    for text in sources:
+    for arg, text in enumerate(sources):
         try:
             remote = parse_remote(text)
         except ValueError as e:
-            failed.append(_failure(text, dest, UsageError(text, str(e))))
+            failed.append(_failure(text, dest, UsageError(text, str(e)), arg))
             continue
+        found: list[tuple[Remote, Path]] = []
         try:
             if remote.has_glob():
                 entries = await client.glob(remote)
@@ -171,23 +174,24 @@ async def _plan_downloads(
                         if not recursive:
                             log.warning("stashcp: skipping collection %s (use -r)", ent.path)
                             continue
-                        plan += await _plan_tree(client, remote.child(ent.path), Path(dest) / name)
+                        found += await _plan_tree(client, remote.child(ent.path), Path(dest) / name)
                     else:
-                        plan.append((remote.child(ent.path), Path(dest) / name))
+                        found.append((remote.child(ent.path), Path(dest) / name))
             elif recursive:
                 name = posixpath.basename(remote.path.rstrip("/")) or "root"
                 root = Path(dest) / name if (dest_is_dir or many) else Path(dest)
                 tree = await _plan_tree(
                     client, remote, root, single=_local_target(dest, name, many)
                 )
-                plan += tree
+                found += tree
             else:
                 name = posixpath.basename(remote.path.rstrip("/"))
                 if not name:
                     raise UsageError(remote.url(), "names a collection: use -r to copy it")
-                plan.append((remote, _local_target(dest, name, many)))
+                found.append((remote, _local_target(dest, name, many)))
         except StashError as e:
-            failed.append(_failure(remote.url(), dest, e))
+            failed.append(_failure(remote.url(), dest, e, arg))
+        plan += [(r, p, arg) for r, p in found]
     return plan, failed
 
 
@@ -212,18 +216,20 @@ async def _plan_tree(
 
 def _plan_uploads(
     sources: list[str], dest: Remote, recursive: bool
-) -> tuple[list[tuple[Path, Remote]], list[str], list[Result]]:
-    plan: list[tuple[Path, Remote]] = []
+) -> tuple[list[tuple[Path, Remote, int]], list[str], list[Result]]:
+    """(local file, remote, index of the SOURCE argument) per file, the collections to
+    create, and the sources that failed already while planning."""
+    plan: list[tuple[Path, Remote, int]] = []
     dirs: list[str] = []
     failed: list[Result] = []
     many = len(sources) > 1
     into = dest.path.endswith("/") or many
-    for text in sources:
+    for arg, text in enumerate(sources):
         src = Path(text)
         if src.is_dir():
             if not recursive:
                 failed.append(
-                    _failure(text, dest.url(), LocalError(text, "is a directory: use -r"))
+                    _failure(text, dest.url(), LocalError(text, "is a directory: use -r"), arg)
                 )
                 continue
             base = dest.path.rstrip("/")
@@ -239,19 +245,28 @@ def _plan_uploads(
                 if rel_root != ".":
                     dirs.append(remote_root)
                 for f in sorted(files):
-                    plan.append((Path(root) / f, dest.child(posixpath.join(remote_root, f))))
+                    remote = dest.child(posixpath.join(remote_root, f))
+                    plan.append((Path(root) / f, remote, arg))
         elif src.exists():
             target = posixpath.join(dest.path, src.name) if into else dest.path
-            plan.append((src, dest.child(target)))
+            plan.append((src, dest.child(target), arg))
         else:
-            failed.append(_failure(text, dest.url(), LocalError(text, "no such file")))
+            failed.append(_failure(text, dest.url(), LocalError(text, "no such file"), arg))
     return plan, dirs, failed
 
 
-def _failure(source: str, dest: str, err: StashError) -> Result:
+def _failure(source: str, dest: str, err: StashError, arg: int) -> Result:
     r = Result(source=source, dest=dest, error=err)
     r.end = r.start
+    r.arg = arg
     return r
+
+
+def _in_argument_order(results: list[Result]) -> list[Result]:
+    """Planning failures and transfers merged back into the order of the SOURCE
+    arguments (stable within one argument), so that the first failure reported, and
+    the exit code, are those of the first failing argument as docs/stashcp.md says."""
+    return sorted(results, key=lambda r: r.arg)
 
 
 # -- running ------------------------------------------------------------------------------
@@ -273,23 +288,27 @@ async def _copy(args: argparse.Namespace, opts: Options, progress: Progress) -> 
                     except StashError as e:
                         log.debug("MKCOL %s: %s", d, e)
 
-                async def up(src: Path, remote: Remote) -> Result:
+                async def up(src: Path, remote: Remote, arg: int) -> Result:
                     async with sem:
-                        return await client.upload(src, remote)
+                        result = await client.upload(src, remote)
+                    result.arg = arg
+                    return result
 
-                done = await asyncio.gather(*(up(s, r) for s, r in uploads))
-                return failed + list(done)
+                done = await asyncio.gather(*(up(s, r, a) for s, r, a in uploads))
+                return _in_argument_order(failed + list(done))
             if is_remote(dest):
                 raise UsageError(dest, "copying between two remote locations is not supported")
             plan, failed = await _plan_downloads(client, sources, dest, args.recursive)
             progress.files_total = len(plan)
 
-            async def down(remote: Remote, path: Path) -> Result:
+            async def down(remote: Remote, path: Path, arg: int) -> Result:
                 async with sem:
-                    return await client.download(remote, path)
+                    result = await client.download(remote, path)
+                result.arg = arg
+                return result
 
-            done = await asyncio.gather(*(down(r, p) for r, p in plan))
-            return failed + list(done)
+            done = await asyncio.gather(*(down(r, p, a) for r, p, a in plan))
+            return _in_argument_order(failed + list(done))
         finally:
             drawer.cancel()
             await asyncio.gather(drawer, return_exceptions=True)

@@ -185,6 +185,7 @@ class Result:
     checksum_failures: int = 0
     attempts: list[dict[str, Any]] = field(default_factory=list)
     error: StashError | None = None
+    arg: int = 0  # index of the command-line SOURCE it came from: orders the report
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -557,10 +558,21 @@ class _Picker:
             {"server": src.server, "kind": src.kind, "error": err.cause, "status": err.status}
         )
         log.debug("%s: %s failed: %s", self.obj, src.url, err.cause)
-        if isinstance(err, NotFound | AuthError | Permanent) and not isinstance(err, LocalError):
-            raise err.with_object(self.obj)
         if isinstance(err, LocalError):
             raise err
+        if not err.retryable:
+            # A cache's 404/401/403 speaks for that cache only (it may not serve the
+            # namespace, or not trust the token's issuer): the next cache or the origin
+            # may still have the object. Only the origin (or a URL the user named) is
+            # the authority on whether it exists and who may read it.
+            if src.kind != "cache":
+                raise err.with_object(self.obj)
+            if src in self.order:  # another range may have dropped it already
+                pos = self.order.index(src)
+                self.order.remove(src)  # asking it again in a later round cannot help
+                if pos < self.idx:
+                    self.idx -= 1
+            return
         if err.status is None and not isinstance(err, Stalled):
             self.client.health.mark(src.server, False)
         if self.idx < len(self.order) and self.order[self.idx] == src:
@@ -569,7 +581,11 @@ class _Picker:
     def final_error(self) -> StashError:
         if not self.errors:
             return Retryable(self.obj, "no source to read it from")
-        last = self.errors[-1]
+        # A refusal (404/401/403) from a source that answered says more than a source
+        # that could not be reached: report it, so that an object missing everywhere we
+        # could ask is "not found", not a retryable failure because one cache is down.
+        refusals = [e for e in self.errors if not e.retryable]
+        last = refusals[-1] if refusals else self.errors[-1]
         n = len({e.server for e in self.errors if e.server})
         prefix = f"all {n} sources failed; last: " if n > 1 else ""
         err = type(last)(
@@ -727,6 +743,11 @@ class _Part:
                 p.unlink()
 
 
+class _NoHttpOrigin(NotFound):
+    """The director knows the namespace but has no http(s) origin for it: nothing to
+    read from after the caches (not found), and a configuration error for uploads."""
+
+
 class _Restart(Exception):
     """The object changed under a resumed download; fetch again from byte 0."""
 
@@ -838,11 +859,35 @@ class Client:
                         log.debug("%s: director says %s", obj, loc.urls)
                         return loc
                     cause = await _error_cause(resp)
+                    if (
+                        origin
+                        and resp.status == 404
+                        and location_from_headers(resp.headers).namespace
+                    ):
+                        # a 404 that names the namespace: it exists, its origin is not http
+                        raise _NoHttpOrigin(obj, f"director: {cause}", server=director, status=404)
                     raise _status_error(
                         obj, director, resp.status, f"director: {cause}", resp.headers
                     )
         except (aiohttp.ClientError, TimeoutError) as e:
             raise _director_unreachable(obj, director, e) from None
+
+    async def _upload_targets(self, remote: Remote) -> list[str]:
+        """Where an upload (or MKCOL) goes: the namespace's http(s) origins."""
+        if remote.direct:
+            return [remote.url()]
+        if self.opts.origin and remote.scheme != "pelican":
+            return [join_url(self.opts.origin, remote.path)]
+        try:
+            return (await self.locate(remote, origin=True)).urls
+        except _NoHttpOrigin as e:
+            raise UsageError(
+                remote.url(),
+                f"cannot upload: {e.cause}; give the namespace an http(s) origin at the "
+                "director, or name one with --origin URL",
+                server=e.server,
+                status=e.status,
+            ) from None
 
     async def sources(
         self, remote: Remote
@@ -1608,12 +1653,7 @@ class Client:
                 digest = await asyncio.to_thread(hash_file, src, algo)
             except OSError as e:
                 raise LocalError(str(src), f"cannot read: {e.strerror}") from None
-        if remote.direct:
-            targets = [remote.url()]
-        elif self.opts.origin and remote.scheme != "pelican":
-            targets = [join_url(self.opts.origin, remote.path)]
-        else:
-            targets = (await self.locate(remote, origin=True)).urls
+        targets = await self._upload_targets(remote)
         self.progress.add_total(size)
         session = await self.session()
         errors: list[StashError] = []
@@ -1684,12 +1724,7 @@ class Client:
 
     async def mkcol(self, remote: Remote) -> None:
         """Create a collection at the origin (an existing one is fine)."""
-        if remote.direct:
-            url = remote.url()
-        elif self.opts.origin and remote.scheme != "pelican":
-            url = join_url(self.opts.origin, remote.path)
-        else:
-            url = (await self.locate(remote, origin=True)).urls[0]
+        url = (await self._upload_targets(remote))[0]
         session = await self.session()
         try:
             async with session.request("MKCOL", url, headers=self._auth(None, write=True)) as resp:

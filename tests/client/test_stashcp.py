@@ -107,6 +107,42 @@ def test_dead_first_cache_fails_over(cache: CacheProcess, origin_dir: Path, tmp_
     assert r.json()["transfers"][0]["servers"] == [cache.url]
 
 
+def test_a_cache_without_the_namespace_is_left_for_the_next(
+    cache: CacheProcess, origin_dir: Path, tmp_path: Path
+) -> None:
+    """A cache's own 404 (it serves no such namespace) speaks for that cache only: the
+    next cache is tried. When every cache says 404, it is still "not found" (10)."""
+    with CacheProcess(tmp_path / "other", {"/other": f"file://{origin_dir}"}) as other:
+        assert other.get("/ns/small.txt").status == 404  # the premise: a cache-level 404
+        out = tmp_path / "out"
+        out.mkdir()
+        r = stashcp("--cache", f"{other.url},{cache.url}", "--json", "/ns/medium.bin", str(out))
+        assert r.code == EXIT_OK, r.stderr
+        assert (out / "medium.bin").read_bytes() == (origin_dir / "medium.bin").read_bytes()
+        t = r.json()["transfers"][0]
+        assert t["servers"] == [cache.url]
+        assert [a["status"] for a in t["attempts"]] == [404]
+        # the object is missing everywhere: not found, after both caches were asked
+        r = stashcp("--cache", f"{other.url},{cache.url}", "--json", "/ns/absent", str(out))
+        assert r.code == EXIT_NOT_FOUND, r.stderr
+        t = r.json()["transfers"][0]
+        assert {a["server"] for a in t["attempts"]} == {other.url, cache.url}
+        assert len(r.stderr.strip().splitlines()) == 1 and "/ns/absent" in r.stderr
+
+
+def test_exit_code_is_that_of_the_first_failing_argument(
+    cache: CacheProcess, tmp_path: Path
+) -> None:
+    """A failure found while planning (an unsupported scheme: usage, 2) that comes
+    after a failed transfer (not found, 10) does not jump ahead of it."""
+    r = stashcp("--cache", cache.url, "/ns/absent", "ftp://host/ns/x", str(tmp_path))
+    assert r.code == EXIT_NOT_FOUND, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and "/ns/absent" in lines[0] and "ftp://" in lines[1]
+    r = stashcp("--cache", cache.url, "ftp://host/ns/x", "/ns/absent", str(tmp_path))
+    assert r.code == EXIT_USAGE, r.stderr
+
+
 def test_all_sources_dead_is_retryable(tmp_path: Path) -> None:
     r = stashcp(
         "--cache", f"{dead_url()},{dead_url()}", "--json", "/ns/small.txt", str(tmp_path),

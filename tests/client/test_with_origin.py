@@ -4,12 +4,13 @@ in front of the origin with the origin as the last fallback."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from stashflow.cache.client.errors import EXIT_AUTH, EXIT_OK
+from stashflow.cache.client.errors import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_OK
 from tests.cache.harness import CacheProcess
-from tests.client.conftest import Origin, dead_url, stashcp
+from tests.client.conftest import ISSUER, Origin, _cli, dead_url, stashcp
 
 
 def tree_of(root: Path) -> dict[str, bytes]:
@@ -56,6 +57,49 @@ def test_origin_is_the_last_fallback(origin: Origin, tmp_path: Path) -> None:
         origin.data / "tree" / "sub" / "b.bin"
     ).read_bytes()
     assert r.json()["transfers"][0]["servers"] == [origin.url]
+
+
+def test_a_cache_refusing_the_issuer_is_left_for_the_next(origin: Origin, tmp_path: Path) -> None:
+    """A cache that does not trust the token's issuer answers 401 wrong_issuer: that is
+    its own limitation, so the next cache serves the object; a 404 the origin itself
+    confirms is final (10) after the caches."""
+    other_keys = tmp_path / "other-issuer"
+    other_jwks = json.loads(_cli("token", "keygen", "--out", str(other_keys)))["jwks"]
+    own_jwks = origin.key.parent / "jwks.json"
+    untrusting = CacheProcess(tmp_path / "c1", {"/ns": origin.url + "/ns"}, extra=[
+        "--protected", "/ns", "--issuer", f"https://other.issuer.test={other_jwks}",
+    ]).start()  # fmt: skip
+    try:
+        with CacheProcess(tmp_path / "c2", {"/ns": origin.url + "/ns"}, extra=[
+            "--protected", "/ns", "--issuer", f"{ISSUER}={own_jwks}",
+        ]) as trusting:  # fmt: skip
+            token = origin.token("storage.read:/ns")
+            caches = f"{untrusting.url},{trusting.url}"
+            r = stashcp("--json", "--cache", caches, "/ns/tree/sub/b.bin", str(tmp_path),
+                        env={"BEARER_TOKEN": token})  # fmt: skip
+            assert r.code == EXIT_OK, r.stderr
+            assert (tmp_path / "b.bin").read_bytes() == (
+                origin.data / "tree" / "sub" / "b.bin"
+            ).read_bytes()
+            t = r.json()["transfers"][0]
+            assert t["servers"] == [trusting.url]
+            assert [(a["server"], a["status"]) for a in t["attempts"]] == [(untrusting.url, 401)]
+            assert "not trusted" in t["attempts"][0]["error"]
+            # only the untrusting cache: still an authorization error (11)
+            r = stashcp("--cache", untrusting.url, "/ns/tree/a.txt", str(tmp_path),
+                        env={"BEARER_TOKEN": token})  # fmt: skip
+            assert r.code == EXIT_AUTH, r.stderr
+            # missing at the caches and at the origin: not found, said by the origin
+            r = stashcp("--json", "--cache", caches, "--origin", origin.url, "/ns/tree/absent",
+                        str(tmp_path), env={"BEARER_TOKEN": token})  # fmt: skip
+            assert r.code == EXIT_NOT_FOUND, r.stderr
+            t = r.json()["transfers"][0]
+            assert [a["server"] for a in t["attempts"]] == [
+                untrusting.url, trusting.url, origin.url,
+            ]  # fmt: skip
+            assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        untrusting.stop()
 
 
 def test_upload_needs_a_covering_token(origin: Origin, tmp_path: Path) -> None:
