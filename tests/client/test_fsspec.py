@@ -4,6 +4,8 @@ reading through it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,16 +17,49 @@ from tests.cache.harness import CacheProcess
 from tests.client.conftest import dead_url
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered() -> Iterator[None]:
-    """The product registers through the `fsspec.specs` entry points; an environment
-    installed before they were declared gets `stash` here. (`osdf` is left alone: in
-    the test environment pelicanfs, the unmodified Pelican client, may own it.)"""
-    try:
-        fsspec.get_filesystem_class("stash")
-    except (ValueError, ImportError):
-        fsspec.register_implementation("stash", StashFileSystem, clobber=True)
-    yield
+def _fresh_interpreter(code: str) -> str:
+    """Run `code` in a new Python that has imported nothing of ours, from a neutral
+    directory: what a user's script sees."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_stash_protocol_resolves_through_the_entry_point() -> None:
+    """No fallback registration: `stash` must come from the `fsspec.specs` entry point
+    declared in pyproject.toml, in a process that never imported stashflow."""
+    name = _fresh_interpreter(
+        "import sys, fsspec\n"
+        "cls = fsspec.get_filesystem_class('stash')\n"
+        "print(cls.__module__ + '.' + cls.__qualname__)\n"
+    )
+    assert name == "stashflow.cache.client.fsspec_impl.StashFileSystem"
+    assert fsspec.get_filesystem_class("stash") is StashFileSystem
+
+
+def test_osdf_goes_to_the_first_listed_entry_point_unless_registered() -> None:
+    """`osdf` is claimed by us and by pelicanfs: fsspec keeps the first `osdf` entry
+    point importlib.metadata lists and skips the others (docs/stashcp.md), and an
+    explicit register_implementation(..., clobber=True) picks ours whatever the order."""
+    first = _fresh_interpreter(
+        "from importlib.metadata import entry_points\n"
+        "print(next(e.value for e in entry_points(group='fsspec.specs') if e.name == 'osdf'))"
+    )
+    resolved = _fresh_interpreter(
+        "import fsspec\n"
+        "cls = fsspec.get_filesystem_class('osdf')\n"
+        "print(cls.__module__ + ':' + cls.__qualname__)\n"
+    )
+    assert resolved == first
+    picked = _fresh_interpreter(
+        "import fsspec\n"
+        "fsspec.register_implementation('osdf', "
+        "'stashflow.cache.client.fsspec_impl.StashFileSystem', clobber=True)\n"
+        "print(fsspec.get_filesystem_class('osdf').__qualname__)\n"
+    )
+    assert picked == "StashFileSystem"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from stashflow.cache.client.discovery import location_from_headers
-from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK
+from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from stashflow.integration.servers.service import ServiceProcess
 from tests.cache.harness import ROOT, CacheProcess
 from tests.client.conftest import MiB, Origin, access_log, stashcp
@@ -56,6 +56,8 @@ def federation(origin: Origin, tmp_path_factory: pytest.TempPathFactory) -> Iter
         CacheProcess(base / f"cache{i}", {"/ns": origin.url + "/ns"}).start() for i in range(2)
     ]
     args = ["--namespace", f"/ns={origin.url}/ns"]
+    # a namespace whose only origin clients cannot reach over HTTP (uploads cannot go there)
+    args += ["--namespace", f"/rootonly=root://127.0.0.1:1/{base}"]
     for c in caches:
         args += ["--cache", c.url]
     try:
@@ -129,3 +131,44 @@ def test_preferred_cache_killed_mid_download(federation: Federation, tmp_path: P
     assert (tmp_path / "l.bin").read_bytes() == expected
     t = json.loads(stdout)["transfers"][0]
     assert set(t["servers"]) == set(order[:2])
+
+
+def test_upload_to_a_namespace_without_http_origin_is_a_configuration_error(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Not "not found" (10): the namespace exists, the federation is not set up to
+    take uploads into it; the user must configure an origin (2)."""
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"data")
+    env = {"STASHFLOW_DIRECTOR": federation.director}
+    r = stashcp(str(src), "stash:///rootonly/x.bin", env=env)
+    assert r.code == EXIT_USAGE, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "--origin" in r.stderr and "stash:///rootonly/x.bin" in r.stderr
+
+
+def test_fsspec_reads_through_the_director(federation: Federation) -> None:
+    """The `stash` filesystem with only a director: reads go through the director's
+    caches (the access logs show it), listings through the collections URL."""
+    import fsspec
+
+    from stashflow.cache.client.fsspec_impl import StashFileSystem
+
+    fs = fsspec.filesystem("stash", director=federation.director, skip_instance_cache=True)
+    assert isinstance(fs, StashFileSystem)
+    try:
+        data = (federation.origin.data / "tree" / "sub" / "b.bin").read_bytes()
+        with fs.open("stash:///ns/tree/sub/b.bin", "rb", block_size=64 * 1024) as f:
+            f.seek(100_000)
+            assert f.read(5000) == data[100_000:105_000]
+        assert fs.cat_file("/ns/tree/sub/b.bin", start=10, end=20) == data[10:20]
+        assert fs.info("/ns/tree/sub/b.bin")["size"] == len(data)
+        assert fs.ls("/ns/tree/sub", detail=False) == ["/ns/tree/sub/b.bin", "/ns/tree/sub/deeper"]
+        served = {
+            c.url for c in federation.caches
+            if any(e["path"] == "/ns/tree/sub/b.bin" for e in access_log(c))
+        }  # fmt: skip
+        first = federation.candidates("/ns/tree/sub/b.bin")[0].split("/ns/")[0]
+        assert first in served
+    finally:
+        fs.close()
