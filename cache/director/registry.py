@@ -164,6 +164,7 @@ class Cache:
     healthy: bool | None = None  # static caches: result of the last probe (None: not yet)
     health_reason: str = ""
     last_probe: float | None = None
+    registered_from: str | None = None  # client address of the latest registerCache
 
     def serves(self, prefix: str) -> bool:
         return self.namespaces is None or prefix in self.namespaces

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -470,6 +471,11 @@ class Director:
             return json_error(400, f"registerCache refused: {e}")
         first = reg.name not in {c.name for c in self.caches}
         cache = self.caches.heartbeat(reg)
+        # Remembered so that, without a registration token, only this host may take the
+        # cache out (unregisterCache); the latest heartbeat wins, as a cache's address
+        # may change across restarts.
+        peer = self.client(request)
+        cache.registered_from = str(peer) if peer is not None else None
         self.metrics.heartbeats.labels(cache.name).inc()
         if first:
             log.info("cache %s registered at %s (site %s)", cache.name, cache.url, cache.site)
@@ -508,6 +514,23 @@ class Director:
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str):
             return json_error(400, "unregisterCache refused: 'name' must be a string")
+        cache = next((c for c in self.caches if c.name == name), None)
+        if (
+            not self.cfg.registration_token
+            and cache is not None
+            and cache.registered_from is not None
+        ):
+            # Open registration must not let anyone on the network take caches out:
+            # without a token, only the host the cache registered from may unregister it.
+            peer = self.client(request)
+            if peer is None or str(peer) != cache.registered_from:
+                return json_error(
+                    403,
+                    f"unregisterCache refused: cache {name!r} registered from "
+                    f"{cache.registered_from}, not {peer}; unregister it from that host, "
+                    "or set --registration-token",
+                    name=name,
+                )
         if not self.caches.unregister(name):
             return json_error(404, f"no cache named {name!r} is registered", name=name)
         log.info("cache %s unregistered", name)
@@ -679,6 +702,13 @@ async def run(cfg: DirectorConfig, ready: Any = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     scheme = "https" if ctx else "http"
     url = f"{scheme}://{cfg.host}:{cfg.port}"
+    if not cfg.registration_token and not is_loopback(cfg.host):
+        log.warning(
+            "WARNING: registration is OPEN: director on %s has no --registration-token, so "
+            "any host that reaches it can register a cache (and receive client traffic); "
+            "set --registration-token (docs/director.md)",
+            url,
+        )
     log.info(
         "director listening on %s (%d namespaces, %d static caches)",
         url,
@@ -701,6 +731,17 @@ def serve(cfg: DirectorConfig, ready: Any = None) -> None:
     except ImportError:
         pass
     asyncio.run(run(cfg, ready))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable from this machine only (open registration is
+    then harmless: tests and the demo)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -274,3 +274,49 @@ def test_site_map_errors(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "sites.a.networks has '10.0.0.0/33', which is not a CIDR" in proc.stderr
+
+
+def test_open_unregister_only_from_the_registering_host(tmp_path: Path) -> None:
+    """Without a registration token, another host cannot take a cache out: only the
+    address it registered from may unregister it (127.0.0.2 and 127.0.0.1 are two
+    loopback hosts here)."""
+    with DirectorProcess(tmp_path, args=["--namespace", f"/ns={ORIGIN}"]) as d:
+        body = {"name": "c", "url": "http://c.example:1"}
+        assert d.post("/api/v1.0/director/registerCache", body, source="127.0.0.2").status == 200
+        r = d.post("/api/v1.0/director/unregisterCache", {"name": "c"}, source="127.0.0.1")
+        assert r.status == 403, r.body
+        assert "127.0.0.2" in r.json()["error"] and "--registration-token" in r.json()["error"]
+        assert "c" in d.caches()
+        r = d.post("/api/v1.0/director/unregisterCache", {"name": "c"}, source="127.0.0.2")
+        assert r.status == 200, r.body
+        assert "c" not in d.caches()
+    # with a token, the token is the authority, whichever host sends it
+    with DirectorProcess(
+        tmp_path / "t", args=["--namespace", f"/ns={ORIGIN}", "--registration-token", "s3cret"]
+    ) as d:
+        auth = {"Authorization": "Bearer s3cret"}
+        body = {"name": "c", "url": "http://c.example:1"}
+        r = d.post("/api/v1.0/director/registerCache", body, headers=auth, source="127.0.0.2")
+        assert r.status == 200
+        r = d.post("/api/v1.0/director/unregisterCache", {"name": "c"}, headers=auth)
+        assert r.status == 200, r.body
+
+
+@pytest.mark.parametrize(
+    ("listen", "token", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", "s3cret", False), ("127.0.0.1", None, False)],
+)
+def test_open_registration_on_a_network_address_is_warned(
+    tmp_path: Path, listen: str, token: str | None, warned: bool
+) -> None:
+    port = free_port()
+    args = ["--namespace", f"/ns={ORIGIN}", "--listen", f"{listen}:{port}"]
+    if token:
+        args += ["--registration-token", token]
+    d = DirectorProcess(tmp_path, args=args, port=port).start()
+    try:
+        assert d.get("/api/v1.0/director/health").status == 200
+    finally:
+        d.stop()
+    text = d.log.read_text()
+    assert ("registration is OPEN" in text) is warned, text
