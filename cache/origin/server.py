@@ -53,6 +53,7 @@ from stashflow.integration.storage import (
     open_storage,
 )
 from stashflow.integration.storage.http import TEMP_MARKER
+from stashflow.integration.storage.posix import STALE_TEMP_AGE, PosixStorage
 from stashflow.integration.tokens import (
     Issuer,
     MissingToken,
@@ -656,6 +657,7 @@ class OriginConfig:
     jwks_ttl: float = 600.0
     jwks_min_refresh: float = 30.0
     leeway: float = 60.0
+    stale_upload_age: float = STALE_TEMP_AGE  # seconds; see sweep_stale_uploads
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -689,6 +691,27 @@ def build_exports(cfg: OriginConfig) -> list[Export]:
     return exports
 
 
+async def sweep_stale_uploads(exports: list[Export], older_than: float) -> None:
+    """Remove the temp files of uploads that a crashed origin left in posix exports (a
+    kill -9 runs no cleanup, and nothing else would ever delete them)."""
+    for export in exports:
+        if not isinstance(export.storage, PosixStorage):
+            continue
+        try:
+            removed = await export.storage.remove_stale_temps(older_than)
+        except StorageError as e:
+            log.warning("cannot sweep stale upload temp files of %s: %s", export.prefix, e)
+            continue
+        if removed:
+            log.info(
+                "removed %d stale upload temp file(s) older than %gs from %s: %s",
+                len(removed),
+                older_than,
+                export.prefix,
+                ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""),
+            )
+
+
 def make_app(cfg: OriginConfig) -> web.Application:
     verifier = None
     if cfg.issuers:
@@ -711,9 +734,13 @@ def make_app(cfg: OriginConfig) -> web.Application:
     origin = Origin(build_exports(cfg), verifier)
     app = web.Application()
 
+    async def on_startup(app: web.Application) -> None:
+        await sweep_stale_uploads(origin.exports, cfg.stale_upload_age)
+
     async def on_cleanup(app: web.Application) -> None:
         await origin.close()
 
+    app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app.router.add_route("*", "/{path:.*}", origin, expect_handler=origin.expect)
     return app

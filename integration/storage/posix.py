@@ -11,6 +11,7 @@ import errno
 import os
 import secrets
 import stat as stat_module
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,9 @@ from stashflow.integration.storage.base import (
 _T = TypeVar("_T")
 
 TEMP_MARKER = ".stashflow-tmp-"
+# A temp file untouched this long belongs to a writer that died (an upload in progress
+# rewrites its temp file with every chunk, so its mtime stays fresh).
+STALE_TEMP_AGE = 3600.0
 
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -53,6 +57,28 @@ def _link_new(temp: str, local: str, url: str) -> None:
         if os.path.lexists(local):
             raise AlreadyExists(url, "already exists") from None
         os.rename(temp, local)
+
+
+def _missing_dirs(root: str, directory: str) -> list[str]:
+    """The directories between `root` and `directory` that do not exist yet, deepest
+    first: what a makedirs for `directory` is about to create."""
+    out: list[str] = []
+    root = os.path.normpath(root)
+    current = os.path.normpath(directory)
+    while current != root and current.startswith(root + os.sep) and not os.path.isdir(current):
+        out.append(current)
+        current = os.path.dirname(current)
+    return out
+
+
+def _remove_empty_dirs(dirs: list[str]) -> None:
+    """rmdir `dirs` (deepest first) until one is not empty: another upload may have put
+    something there meanwhile, and then it and its parents stay."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def map_os_error(url: str, exc: OSError) -> StorageError:
@@ -250,11 +276,27 @@ class PosixStorage(Storage):
             raise PermissionDenied(url, "cannot write over the storage root")
         directory, name = os.path.split(local)
         temp = os.path.join(directory, f".{name}{TEMP_MARKER}{secrets.token_hex(6)}")
+        # The directories this upload creates: a failed upload removes them again, so
+        # that it leaves nothing behind (not even an empty parent).
+        created: list[str] = []
 
         def create() -> int:
-            os.makedirs(directory, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            return os.open(temp, flags, self.file_mode)
+            for attempt in range(3):
+                created[:] = _missing_dirs(str(self.root), directory)
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                    return os.open(temp, flags, self.file_mode)
+                except FileNotFoundError:
+                    # a failed upload next door removed the directory it had created
+                    # between our makedirs and open: create it again
+                    if attempt == 2:
+                        _remove_empty_dirs(created)
+                        raise
+                except OSError:
+                    _remove_empty_dirs(created)
+                    raise
+            raise AssertionError("unreachable")
 
         try:
             fd = await asyncio.to_thread(create)
@@ -268,6 +310,8 @@ class PosixStorage(Storage):
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+            if not committed:
+                _remove_empty_dirs(created)
 
         async def call(fn: Callable[..., _T], *args: Any) -> _T:
             # Only our own system calls are mapped: an error raised by the caller's
@@ -300,6 +344,34 @@ class PosixStorage(Storage):
             # After a link the temp name is a second name of the object: drop it too.
             owner.close(then=None if committed and replace else discard)
         return self._info(path, st)
+
+    async def remove_stale_temps(self, older_than: float = STALE_TEMP_AGE) -> list[str]:
+        """Delete the temp files of uploads whose writer died (a crash or kill -9 runs no
+        cleanup) that were last written more than `older_than` seconds ago; returns
+        their paths relative to the root. Younger ones may belong to a live upload of
+        another process sharing this storage, so they stay."""
+
+        def sweep() -> list[str]:
+            removed: list[str] = []
+            cutoff = time.time() - older_than
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    if TEMP_MARKER not in name:
+                        continue
+                    full = os.path.join(dirpath, name)
+                    try:
+                        if os.lstat(full).st_mtime > cutoff:
+                            continue
+                        os.unlink(full)
+                    except FileNotFoundError:
+                        continue  # finished or swept by someone else meanwhile
+                    removed.append(os.path.relpath(full, self.root))
+            return sorted(removed)
+
+        try:
+            return await asyncio.to_thread(sweep)
+        except OSError as exc:
+            raise map_os_error(self.url, exc) from exc
 
     async def delete(self, path: str) -> None:
         local = self._local(path)

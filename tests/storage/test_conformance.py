@@ -82,7 +82,9 @@ class Subject:
 
 def _names_on_disk(root: Path) -> Callable[[str], set[str]]:
     def names(directory: str) -> set[str]:
-        return set(os.listdir(root / directory))
+        # a failed write removes the directories it created: no directory, no names
+        path = root / directory
+        return set(os.listdir(path)) if path.is_dir() else set()
 
     return names
 
