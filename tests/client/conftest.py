@@ -8,7 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,32 @@ def stashcp(
         timeout=timeout,
     )
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def stashcp_killing(cache: CacheProcess, ready: Callable[[], bool], *args: str,
+                    wait: float = 20, finish: float = 60,
+                    env: dict[str, str] | None = None) -> Run:
+    """Run stashcp with `args`; once `ready()` holds while it is still transferring,
+    kill -9 `cache` (a crash in the middle of the download), and let stashcp finish."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stashflow.cache.client.stashcp", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + wait
+        while not ready():
+            assert proc.poll() is None, f"stashcp ended before the kill: {proc.communicate()}"
+            assert time.monotonic() < deadline, "stashcp never got far enough for the kill"
+            time.sleep(0.05)
+        assert proc.poll() is None, "download finished before the cache could be killed"
+        cache.kill9()
+        stdout, stderr = proc.communicate(timeout=finish)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Run(proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from stashflow.cache.client.errors import (
     EXIT_USAGE,
 )
 from stashflow.integration.servers import free_port, wait_for_port
-from tests.cache.harness import ROOT, CacheProcess
-from tests.client.conftest import MiB, access_log, dead_url, stashcp
+from tests.cache.harness import CacheProcess
+from tests.client.conftest import MiB, access_log, dead_url, stashcp, stashcp_killing
 
 
 def test_single_download_is_identical_and_verified(
@@ -168,32 +168,16 @@ def test_cache_killed_mid_download_completes_from_the_next(
     ):
         out = tmp_path / "out"
         out.mkdir()
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "stashflow.cache.client.stashcp",
-                "--cache", f"{a.url},{b.url}", "--json", "--limit-rate", "8MiB",
-                "--chunk-size", "2MiB", "--chunks", "2", "--min-rate", "1KiB",
-                "/ns/big.bin", str(out / "big.bin"),
-            ],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        # kill the first cache once it has served a few ranges
+        run = stashcp_killing(
+            a, lambda: len([e for e in access_log(a) if e["path"] == "/ns/big.bin"]) >= 3,
+            "--cache", f"{a.url},{b.url}", "--json", "--limit-rate", "8MiB",
+            "--chunk-size", "2MiB", "--chunks", "2", "--min-rate", "1KiB",
+            "/ns/big.bin", str(out / "big.bin"),
         )  # fmt: skip
-        try:
-            # wait until the first cache has served a few ranges, then kill it
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                served = [e for e in access_log(a) if e["path"] == "/ns/big.bin"]
-                if len(served) >= 3:
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, "download finished before the cache could be killed"
-            a.kill9()
-            stdout, stderr = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == EXIT_OK, stderr
+        assert run.code == EXIT_OK, run.stderr
         assert (out / "big.bin").read_bytes() == src.read_bytes()
+        stdout = run.stdout
         t = json.loads(stdout)["transfers"][0]
         assert set(t["servers"]) == {a.url, b.url}
         assert any(att["server"] == a.url for att in t["attempts"])
@@ -226,28 +210,17 @@ def test_cache_killed_mid_spliced_download_fails_over(origin_dir: Path, tmp_path
             out = tmp_path / "out"
             out.mkdir()
             part = out / ".big.bin.stashcp-part"
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "stashflow.cache.client.stashcp", "-d", "--json",
-                 "--cache", f"{a.url},{b.url}", "/ns/big.bin", str(out / "big.bin")],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            # The first cache has all it will ever get and stashcp has received part of
+            # it (the part file is sparse: allocated blocks are landed bytes).
+            run = stashcp_killing(
+                a,
+                lambda: held.exists() and part.exists() and part.stat().st_blocks * 512 >= MiB,
+                "-d", "--json", "--cache", f"{a.url},{b.url}", "/ns/big.bin",
+                str(out / "big.bin"), wait=60, finish=120,
             )  # fmt: skip
-            try:
-                # The first cache has all it will ever get and stashcp has received part
-                # of it (the part file is sparse: allocated blocks are landed bytes).
-                deadline = time.monotonic() + 60
-                while not (held.exists() and part.exists() and part.stat().st_blocks * 512 >= MiB):
-                    assert proc.poll() is None, proc.communicate()
-                    assert time.monotonic() < deadline, "stashcp never received from cache a"
-                    time.sleep(0.05)
-                assert proc.poll() is None
-                a.kill9()
-                stdout, stderr = proc.communicate(timeout=120)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            assert proc.returncode == EXIT_OK, stderr[-3000:]
+            assert run.code == EXIT_OK, run.stderr[-3000:]
             assert (out / "big.bin").read_bytes() == src.read_bytes()
+            stdout, stderr = run.stdout, run.stderr
             t = json.loads(stdout)["transfers"][0]
             assert set(t["servers"]) == {a.url, b.url}
             assert any(att["server"] == a.url for att in t["attempts"])
@@ -269,24 +242,15 @@ def test_interrupted_download_resumes(origin_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     try:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "stashflow.cache.client.stashcp",
-                "--cache", c.url, "--limit-rate", "8MiB", "--chunk-size", "1MiB",
-                "--chunks", "2", "/ns/big.bin", str(out / "big.bin"),
-            ],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env={**os.environ, "STASHFLOW_CLIENT_BACKOFF": "0.05"},
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if len([e for e in access_log(c) if e["path"] == "/ns/big.bin"]) >= 6:
-                break
-            time.sleep(0.05)
         port = c.port
-        c.kill9()
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == EXIT_RETRYABLE, stderr
+        run = stashcp_killing(
+            c, lambda: len([e for e in access_log(c) if e["path"] == "/ns/big.bin"]) >= 6,
+            "--cache", c.url, "--limit-rate", "8MiB", "--chunk-size", "1MiB",
+            "--chunks", "2", "/ns/big.bin", str(out / "big.bin"),
+            env={"STASHFLOW_CLIENT_BACKOFF": "0.05"},
+        )  # fmt: skip
+        stderr = run.stderr
+        assert run.code == EXIT_RETRYABLE, stderr
         assert "/ns/big.bin" in stderr
         assert not (out / "big.bin").exists()
         partial = out / ".big.bin.stashcp-part"

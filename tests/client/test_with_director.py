@@ -7,8 +7,6 @@ import http.client
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -20,8 +18,8 @@ import pytest
 from stashflow.cache.client.discovery import location_from_headers
 from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from stashflow.integration.servers.service import ServiceProcess
-from tests.cache.harness import ROOT, CacheProcess
-from tests.client.conftest import MiB, Origin, access_log, stashcp
+from tests.cache.harness import CacheProcess
+from tests.client.conftest import MiB, Origin, access_log, stashcp, stashcp_killing
 from tests.conftest import require_real
 
 
@@ -105,28 +103,13 @@ def test_preferred_cache_killed_mid_download(federation: Federation, tmp_path: P
     path = "/ns/big/large.bin"
     order = [u.split("/ns/")[0] for u in federation.candidates(path)]
     victim = next(c for c in federation.caches if c.url == order[0])
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "stashflow.cache.client.stashcp", "--json",
-            "--director", federation.director, "--limit-rate", "12MiB",
-            "--chunk-size", "2MiB", "--chunks", "2", f"stash://{path}", str(tmp_path / "l.bin"),
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    run = stashcp_killing(
+        victim, lambda: len([e for e in access_log(victim) if e["path"] == path]) >= 3,
+        "--json", "--director", federation.director, "--limit-rate", "12MiB",
+        "--chunk-size", "2MiB", "--chunks", "2", f"stash://{path}", str(tmp_path / "l.bin"),
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if len([e for e in access_log(victim) if e["path"] == path]) >= 3:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None
-        victim.kill9()
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == EXIT_OK, stderr
+    assert run.code == EXIT_OK, run.stderr
+    stdout = run.stdout
     expected = (federation.origin.data / "big" / "large.bin").read_bytes()
     assert (tmp_path / "l.bin").read_bytes() == expected
     t = json.loads(stdout)["transfers"][0]
