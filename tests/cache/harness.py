@@ -175,6 +175,9 @@ class MisbehavingOrigin:
     misbehaviours chosen per request by a path prefix."""
 
     directory: Path
+    # for /hold/: the offset where responses stop, and the file created when one does
+    hold_at: int = 0
+    marker: Path | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -190,6 +193,7 @@ class MisbehavingOrigin:
                 str(Path(__file__).with_name("origin_app.py")),
                 str(self.port),
                 str(self.directory),
+                *([str(self.hold_at), str(self.marker)] if self.marker else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -5,6 +5,11 @@
 /slow/<file>      sends 1 KiB per second
 /hang/<file>      answers HEAD, never answers GET
 /hanghead/<file>  never answers at all
+/hold/<file>      sends up to HOLD_AT bytes of the file, then creates MARKER and holds
+                  the response until the process is killed: a cache in front of it can
+                  deliver the first part of an object and no more, with no timing
+
+    python origin_app.py PORT ROOT [HOLD_AT MARKER]
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from pathlib import Path
 from aiohttp import web
 
 
-def main(port: int, root: Path) -> None:
+def main(port: int, root: Path, hold_at: int = 0, marker: Path | None = None) -> None:
+    never = asyncio.Event()  # nothing sets it: held responses wait for the kill
+
     async def handle(request: web.Request) -> web.StreamResponse:
         mode, _, rel = request.match_info["path"].partition("/")
         path = root / rel
@@ -53,7 +60,17 @@ def main(port: int, root: Path) -> None:
             assert request.transport is not None
             request.transport.close()
             return resp
-        if mode == "slow":
+        if mode == "hold":
+            assert marker is not None, "start with HOLD_AT and MARKER for /hold/"
+            pos, i = first, 0
+            while i < len(body):
+                if pos >= hold_at:
+                    await asyncio.to_thread(marker.touch)
+                    await never.wait()
+                n = min(256 << 10, len(body) - i, hold_at - pos)  # never past HOLD_AT
+                await resp.write(body[i : i + n])
+                i, pos = i + n, pos + n
+        elif mode == "slow":
             for i in range(0, len(body), 1024):
                 await resp.write(body[i : i + 1024])
                 await asyncio.sleep(1)
@@ -68,4 +85,5 @@ def main(port: int, root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]))
+    held = (int(sys.argv[3]), Path(sys.argv[4])) if len(sys.argv) > 4 else (0, None)
+    main(int(sys.argv[1]), Path(sys.argv[2]), *held)

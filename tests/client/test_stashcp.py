@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,7 @@ from stashflow.cache.client.errors import (
     EXIT_RETRYABLE,
     EXIT_USAGE,
 )
-from stashflow.integration.servers import free_port, wait_for_port
-from tests.cache.harness import CacheProcess
+from tests.cache.harness import CacheProcess, MisbehavingOrigin
 from tests.client.conftest import MiB, access_log, dead_url, stashcp, stashcp_killing
 
 
@@ -189,50 +186,41 @@ def test_cache_killed_mid_spliced_download_fails_over(origin_dir: Path, tmp_path
     """Default options, so large bodies are received by splice: the first cache is
     kill -9'd while a splice is receiving from it, and the download completes from the
     second, byte-identical and checksum-verified. The first cache's origin holds every
-    object at HOLD_AT bytes (gated_origin.py), so that the kill always lands mid-transfer
-    whatever the speed of the machine, without throttling the client."""
+    object at HOLD_AT bytes (tests/cache/origin_app.py, /hold/), so that the kill always
+    lands mid-transfer whatever the speed of the machine, without throttling the
+    client."""
     hold_at = 8 * MiB
     src = origin_dir / "big.bin"
     assert src.stat().st_size > hold_at + 4 * MiB
     held = tmp_path / "held"
-    port = free_port()
-    slow = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("gated_origin.py")), str(port),
-         str(origin_dir), str(hold_at), str(held)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for_port(port, timeout=20)
-        with (
-            CacheProcess(tmp_path / "ca", {"/ns": f"http://127.0.0.1:{port}"}) as a,
-            CacheProcess(tmp_path / "cb", {"/ns": f"file://{origin_dir}"}) as b,
-        ):
-            out = tmp_path / "out"
-            out.mkdir()
-            part = out / ".big.bin.stashcp-part"
-            # The first cache has all it will ever get and stashcp has received part of
-            # it (the part file is sparse: allocated blocks are landed bytes).
-            run = stashcp_killing(
-                a,
-                lambda: held.exists() and part.exists() and part.stat().st_blocks * 512 >= MiB,
-                "-d", "--json", "--cache", f"{a.url},{b.url}", "/ns/big.bin",
-                str(out / "big.bin"), wait=60, finish=120,
-            )  # fmt: skip
-            assert run.code == EXIT_OK, run.stderr[-3000:]
-            assert (out / "big.bin").read_bytes() == src.read_bytes()
-            stdout, stderr = run.stdout, run.stderr
-            t = json.loads(stdout)["transfers"][0]
-            assert set(t["servers"]) == {a.url, b.url}
-            assert any(att["server"] == a.url for att in t["attempts"])
-            assert t["checksum"]
-            # the splice receive path was the one interrupted and resumed
-            spliced = [line for line in stderr.splitlines() if "by splice" in line]
-            assert any(a.url in line for line in spliced), stderr[-3000:]
-            assert any(b.url in line for line in spliced), stderr[-3000:]
-            assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
-    finally:
-        slow.kill()
-        slow.wait()
+    with (
+        MisbehavingOrigin(origin_dir, hold_at=hold_at, marker=held) as slow,
+        CacheProcess(tmp_path / "ca", {"/ns": f"{slow.url}/hold"}) as a,
+        CacheProcess(tmp_path / "cb", {"/ns": f"file://{origin_dir}"}) as b,
+    ):
+        out = tmp_path / "out"
+        out.mkdir()
+        part = out / ".big.bin.stashcp-part"
+        # The first cache has all it will ever get and stashcp has received part of
+        # it (the part file is sparse: allocated blocks are landed bytes).
+        run = stashcp_killing(
+            a,
+            lambda: held.exists() and part.exists() and part.stat().st_blocks * 512 >= MiB,
+            "-d", "--json", "--cache", f"{a.url},{b.url}", "/ns/big.bin",
+            str(out / "big.bin"), wait=60, finish=120,
+        )  # fmt: skip
+        assert run.code == EXIT_OK, run.stderr[-3000:]
+        assert (out / "big.bin").read_bytes() == src.read_bytes()
+        stdout, stderr = run.stdout, run.stderr
+        t = json.loads(stdout)["transfers"][0]
+        assert set(t["servers"]) == {a.url, b.url}
+        assert any(att["server"] == a.url for att in t["attempts"])
+        assert t["checksum"]
+        # the splice receive path was the one interrupted and resumed
+        spliced = [line for line in stderr.splitlines() if "by splice" in line]
+        assert any(a.url in line for line in spliced), stderr[-3000:]
+        assert any(b.url in line for line in spliced), stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
 
 
 def test_interrupted_download_resumes(origin_dir: Path, tmp_path: Path) -> None:
