@@ -151,14 +151,15 @@ class CacheConfig:
                 raise ConfigError("give one issuer base path per issuer (same order; / for "
                                   "absolute scopes), or none")
             raw_bases = dict(zip(issuers, bases, strict=True))
-        from stashflow.integration.tokens import normalise_base_path  # cryptography: slow
-
         values["issuer_base_paths"] = {}
-        for iss, base in (raw_bases or {}).items():
-            try:
-                values["issuer_base_paths"][str(iss)] = normalise_base_path(str(base))
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+        if raw_bases:
+            from stashflow.integration.tokens import normalise_base_path  # imports are slow
+
+            for iss, base in raw_bases.items():
+                try:
+                    values["issuer_base_paths"][str(iss)] = normalise_base_path(str(base))
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         for key in ("protected", "audiences"):
             if isinstance(values.get(key), tuple):
                 values[key] = list(values[key])
