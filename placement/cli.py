@@ -3,7 +3,7 @@
 Settings come from the `[placement]` table of a TOML file (`--config`, else
 $STASHFLOW_CONFIG, else /etc/stashflow/placement.toml if present), each overridable by
 STASHFLOW_PLACEMENT_<KEY>; command-line flags win over both. Keys: db, listen, workers,
-cleaner_interval, log_level, root_username and root_password (bootstrap).
+cleaner_interval, repairer_interval, log_level, root_username and root_password (bootstrap).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:8080",
     "workers": 1,
     "cleaner_interval": 60.0,
+    "repairer_interval": 60.0,
     "log_level": "INFO",
     "root_username": "root",
     "root_password": None,
@@ -56,6 +57,7 @@ def settings(config_path: str | None, **flags: Any) -> dict[str, Any]:
     try:
         merged["workers"] = int(merged["workers"])
         merged["cleaner_interval"] = parse_duration(merged["cleaner_interval"])
+        merged["repairer_interval"] = parse_duration(merged["repairer_interval"])
     except (ConfigError, TypeError, ValueError) as exc:
         raise click.ClickException(f"Invalid placement setting: {exc}") from None
     if not 1 <= merged["workers"] <= 64:
@@ -145,18 +147,23 @@ def bootstrap(config_path: str | None, db_url: str | None, root_password: str | 
 @click.option("--listen", default=None, help="HOST:PORT [default: 127.0.0.1:8080]")
 @click.option("--cleaner-interval", default=None,
               help="Time between judge-cleaner rounds (expired rules), e.g. 60s [default: 60].")
+@click.option("--repairer-interval", default=None,
+              help="Time between judge-repairer rounds (STUCK rules), e.g. 60s; 0 turns "
+                   "it off [default: 60].")
 @click.option("--log-level", default=None, help="[default: INFO]")
 @click.option("--workers", default=None, type=int,
               help="Server processes sharing the port (SO_REUSEPORT) [default: 1].")
 def serve(config_path: str | None, db_url: str | None, listen: str | None,
-          cleaner_interval: str | None, log_level: str | None, workers: int | None) -> None:
+          cleaner_interval: str | None, repairer_interval: str | None, log_level: str | None,
+          workers: int | None) -> None:
     """Serve the Rucio-compatible REST API."""
     from stashflow.placement.migrations import SchemaNotCurrent
     from stashflow.placement.server import run_workers
     from stashflow.placement.server import serve as run
 
     config = settings(config_path, db=db_url, listen=listen,
-                      cleaner_interval=cleaner_interval, log_level=log_level,
+                      cleaner_interval=cleaner_interval,
+                      repairer_interval=repairer_interval, log_level=log_level,
                       workers=workers)
     host, sep, port_text = str(config["listen"]).rpartition(":")
     if not sep or not port_text.isdigit():
@@ -169,9 +176,11 @@ def serve(config_path: str | None, db_url: str | None, listen: str | None,
     try:
         if config["workers"] > 1:
             sys.exit(run_workers(config["db"], host, int(port_text), config["workers"], level,
-                                 cleaner_interval=config["cleaner_interval"]))
+                                 cleaner_interval=config["cleaner_interval"],
+                                 repairer_interval=config["repairer_interval"]))
         asyncio.run(run(config["db"], host, int(port_text),
-                        cleaner_interval=config["cleaner_interval"]))
+                        cleaner_interval=config["cleaner_interval"],
+                        repairer_interval=config["repairer_interval"]))
     except SchemaNotCurrent as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -328,14 +328,21 @@ class _Planner:
                 limit - catalog_usage(self.session, rse.id)[0]
         return self.space[rse.id]
 
-    def place(self, files: list[DID], preferred: Collection[str] = ()) -> None:
-        """Lock `files` on `copies` qualifying RSEs. `preferred` RSEs (those a rule already
-        uses for the files' dataset) come first when they qualify, as with the preferred
-        RSEs of Rucio's RSE selector; otherwise the choice falls to the other ones."""
+    def place(self, files: list[DID], preferred: Collection[str] = (),
+              copies: int | None = None, exclude: Collection[str] = ()) -> None:
+        """Lock `files` on `copies` (default: the rule's) qualifying RSEs. `preferred` RSEs
+        (those a rule already uses for the files' dataset) come first when they qualify,
+        as with the preferred RSEs of Rucio's RSE selector; otherwise the choice falls to
+        the other ones. `exclude`d RSEs are never chosen (the repairer's blocklist: RSEs
+        that already hold a lock of the rule on these files)."""
+        wanted = self.rule.copies if copies is None else copies
         size = sum(f.bytes or 0 for f in files)
         reasons: set[str] = set()
         candidates = []
         for rse in self.targets:
+            if rse.id in exclude:
+                reasons.add("excluded")
+                continue
             if rse.id not in self.weights:
                 reasons.add("weight")
             elif not self.rule.ignore_availability and not rse.availability_write:
@@ -346,15 +353,15 @@ class _Planner:
                 reasons.add("space")
             else:
                 candidates.append(rse)
-        if len(candidates) < self.rule.copies:
-            self._refuse(reasons, len(candidates))
+        if len(candidates) < wanted:
+            self._refuse(reasons, len(candidates), wanted)
         present = self._present(files, candidates)
         chosen: list[RSE] = []
         pool = list(candidates)
         def rank(rse: RSE) -> tuple[bool, int]:
             return rse.id in preferred, present.get(rse.id, 0)
 
-        while len(chosen) < self.rule.copies:
+        while len(chosen) < wanted:
             # Prefer RSEs already in use, then those that already hold most of the data;
             # among equals, weighted random.
             best = max(rank(r) for r in pool)
@@ -365,16 +372,21 @@ class _Planner:
         for rse in chosen:
             self.lock_many(files, rse)
 
-    def _refuse(self, reasons: set[str], found: int) -> None:
+    def _refuse(self, reasons: set[str], found: int, wanted: int) -> None:
         message = (f"The rule on '{self.rule.scope}:{self.rule.name}' needs "
-                   f"{self.rule.copies} RSE(s) but only {found} of "
+                   f"{wanted} RSE(s) but only {found} of "
                    f"'{self.rule.rse_expression}' qualify")
         if "quota" in reasons:
             raise InsufficientAccountLimit(
                 f"{message}: account {self.rule.account} lacks quota (no limit means zero)")
         if "space" in reasons:
             raise RSEOverQuota(f"{message}: not enough space (MaxSpaceAvailable)")
-        why = "not writable" if "availability" in reasons else "lacking the weight attribute"
+        if "availability" in reasons:
+            why = "not writable"
+        elif "weight" in reasons:
+            why = "lacking the weight attribute"
+        else:
+            why = "already holding a copy for the rule, or where the copy is stuck"
         raise InsufficientTargetRSEs(f"{message}: the others are {why}")
 
     def _present(self, files: list[DID], candidates: list[RSE]) -> dict[str, int]:
@@ -484,8 +496,8 @@ _REFUSALS = (InsufficientTargetRSEs, InsufficientAccountLimit, RSEOverQuota,
 
 def _refresh_state(session: Session, rule: Rule, recheck: bool = False) -> None:
     """The rule's state from its lock counters. A rule is STUCK while it has stuck locks or
-    files it could not place: there is no judge-repairer to retry those, so nothing else
-    would ever report them. Whether files are unplaced costs a walk of the rule's content,
+    files it could not place: that state is what brings the judge-repairer to it (and
+    tells the user). Whether files are unplaced costs a walk of the rule's content,
     so it is asked only of a rule that is STUCK now, or when `recheck` (a user asking for
     the state to be re-evaluated)."""
     if rule.state in (RuleState.SUSPENDED, RuleState.WAITING_APPROVAL, RuleState.INJECT):
@@ -770,9 +782,9 @@ def _set_state(session: Session, rule: Rule, value: Any, cancel: bool) -> None:
                     .execution_options(synchronize_session=False))
             _count(rule, LockState.REPLICATING, -len(keys))
             _count(rule, LockState.STUCK, len(keys))
-        # As in Rucio the rule is STUCK even with nothing left to replicate: there the
-        # judge-repairer re-evaluates it; here (no repairer yet) asking for REPLICATING
-        # or OK does.
+        # As in Rucio the rule is STUCK even with nothing left to replicate: the
+        # judge-repairer re-evaluates it on its next pass (so does asking for
+        # REPLICATING or OK).
         rule.state = RuleState.STUCK
         rule.stuck_at = now
     else:
@@ -838,7 +850,8 @@ def _set_child(session: Session, rule: Rule, child_id: Any) -> None:
 def _boost(session: Session, rule: Rule) -> None:
     """Rucio's boost_rule: date the rule and its stuck locks back so that a repairer,
     which waits after a rule's last update, takes it on its next round. Kept for
-    compatibility: there is no repairer here yet, so only the times change."""
+    compatibility: our repairer does not wait (it takes STUCK rules by stuck_at), so only
+    the times change."""
     # Rucio subtracts a day from each time; a common "a day ago" is what the repairer
     # sees the same way, and needs no date arithmetic in SQL (SQLite has none for it).
     then = utcnow() - BOOST
@@ -905,11 +918,15 @@ def remove_rule_now(session: Session, rule: Rule) -> None:
     session.flush()
 
 
-def release_locks(session: Session, rule: Rule, files: list[tuple[str, str]] | None) -> None:
-    """Drop the rule's locks (on `files`, or all): rule counters, replica lock counts and
-    tombstones, usage, and transfer requests that nothing needs any more."""
+def release_locks(session: Session, rule: Rule, files: list[tuple[str, str]] | None,
+                  on_rse: str | None = None) -> None:
+    """Drop the rule's locks (on `files`, or all; on the RSE `on_rse` only, if given): rule
+    counters, replica lock counts and tombstones, usage, and transfer requests that
+    nothing needs any more."""
     query = select(Lock.scope, Lock.name, Lock.rse_id, Lock.state, Lock.bytes, Lock.account)\
         .where(Lock.rule_id == rule.id)
+    if on_rse is not None:
+        query = query.where(Lock.rse_id == on_rse)
     locks = []
     if files is None:
         locks = list(session.execute(query))
@@ -1261,3 +1278,242 @@ def shrink_for_detach(session: Session, parent: DID, children: list[DID]) -> Non
             continue
         release_locks(session, rule, gone)
         _refresh_state(session, rule)
+
+
+# --- the judge-repairer ----------------------------------------------------------------
+
+# Rules taken per repairer pass, as Rucio's repairer fetches 100 at a time: a pass stays
+# short however many rules are stuck, and the next pass takes the next ones.
+REPAIR_BATCH = 100
+
+
+@dataclass
+class Repair:
+    """What one repair did to a rule, for the repairer's log line."""
+
+    rule_id: str
+    state: RuleState
+    counts: tuple[int, int, int]
+    placed: int = 0
+    moved: int = 0
+    now_ok: int = 0
+    requeued: int = 0
+    error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.state != RuleState.STUCK or bool(self.placed or self.moved or self.now_ok)
+
+    def __str__(self) -> str:
+        ok, replicating, stuck = self.counts
+        text = (f"rule {self.rule_id} {self.state.value}[{ok}/{replicating}/{stuck}]: "
+                f"{self.placed} lock(s) placed, {self.moved} stuck lock(s) moved, "
+                f"{self.now_ok} found OK, {self.requeued} transfer(s) re-queued")
+        return text if self.error is None else f"{text}; still stuck: {self.error}"
+
+
+def stuck_rules(session: Session, limit: int = REPAIR_BATCH) -> list[str]:
+    """The STUCK rules the repairer takes next: the longest stuck first. A rule it cannot
+    repair gets a new `stuck_at`, so it goes to the back and the others get their turn.
+    SUSPENDED rules are not STUCK, so they are never taken (as in Rucio)."""
+    return list(session.scalars(
+        select(Rule.id).where(Rule.state == RuleState.STUCK)
+        .order_by(Rule.stuck_at.asc().nulls_first(), Rule.id).limit(limit)))
+
+
+def repair_rule(session: Session, rule_id: str) -> Repair | None:
+    """Rucio's repair_rule, in spirit: place the files the rule could not place, move
+    its STUCK locks to another qualifying RSE of its expression (or retry the transfer
+    where they are), then recount and re-evaluate the rule. Returns None when the rule is
+    not STUCK any more or another transaction holds it (it is taken on a later pass)."""
+    # Only the rule's row is locked first, as attachments, detachments and replica state
+    # changes lock rules before the locks, replicas, requests and usage they then change:
+    # whoever holds the rule works alone on it, in the same order. SKIP LOCKED: a rule
+    # being changed right now is not worth waiting for.
+    rule = session.scalar(
+        select(Rule).where(Rule.id == rule_id, Rule.state == RuleState.STUCK)
+        .with_for_update(skip_locked=True, key_share=True)
+        .execution_options(populate_existing=True))
+    if rule is None:
+        return None
+    _recount(session, rule)
+    before = rule.locks_ok_cnt + rule.locks_replicating_cnt + rule.locks_stuck_cnt
+    errors: list[str] = []
+    if _has_unplaced_files(session, rule):
+        try:
+            # Exactly what attaching the rule's content would do: the same groups, the
+            # same preferred RSEs and checks; files already locked are skipped.
+            _extend(session, rule, _content_groups(session, rule))
+        except _REFUSALS as exc:
+            errors.append(exc.message)
+    placed = rule.locks_ok_cnt + rule.locks_replicating_cnt + rule.locks_stuck_cnt - before
+    result = Repair(rule.id, rule.state, (0, 0, 0), placed=placed)
+    _repair_stuck_locks(session, rule, result, errors)
+    _recount(session, rule)
+    _refresh_state(session, rule, recheck=True)
+    now = utcnow()
+    if rule.state == RuleState.STUCK:
+        # To the back of the queue (stuck_rules): the others get their turn first.
+        rule.stuck_at = now
+        if errors:
+            rule.error = _error_text(errors[0])
+        result.error = rule.error
+    rule.updated_at = now
+    result.state = rule.state
+    result.counts = (rule.locks_ok_cnt, rule.locks_replicating_cnt, rule.locks_stuck_cnt)
+    return result
+
+
+def _recount(session: Session, rule: Rule) -> None:
+    """The rule's counters from its locks, as Rucio's repairer resets them: whatever went
+    wrong on the way, a repaired rule reports what is there."""
+    counts: dict[LockState, int] = {state: int(n) for state, n in session.execute(
+        select(Lock.state, func.count()).where(Lock.rule_id == rule.id)
+        .group_by(Lock.state)).all()}
+    rule.locks_ok_cnt = counts.get(LockState.OK, 0)
+    rule.locks_replicating_cnt = counts.get(LockState.REPLICATING, 0)
+    rule.locks_stuck_cnt = counts.get(LockState.STUCK, 0)
+
+
+def _content_groups(session: Session, rule: Rule) -> list[tuple[DID | None, list[DID]]]:
+    """The rule's files in the groups an attachment forms: per dataset (a file rule: the
+    file alone)."""
+    did = get_did(session, rule.scope, rule.name)
+    if did.did_type == DIDType.FILE:
+        return [(None, [did])]
+    return [(dataset, list(iter_files(session, dataset.scope, dataset.name)))
+            for dataset in datasets_of(session, did.scope, did.name)]
+
+
+def _repair_stuck_locks(session: Session, rule: Rule, result: Repair,
+                        errors: list[str]) -> None:
+    """Each STUCK lock whose replica is AVAILABLE by now is OK. The others move to another
+    RSE of the expression that passes the checks of placement and holds no lock of the
+    rule on that file; the stuck lock goes (usage, replica lock count, tombstone, request
+    as when a rule is removed). Where no RSE qualifies the lock stays STUCK and, if its RSE
+    is writable, its transfer is queued again, as Rucio retries it on the same RSE."""
+    stuck: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for scope, name, rse_id in session.execute(select(Lock.scope, Lock.name, Lock.rse_id).where(
+            Lock.rule_id == rule.id, Lock.state == LockState.STUCK)
+            .with_for_update(key_share=True)):
+        stuck[rse_id].append((scope, name))
+    if not stuck:
+        return
+    now = utcnow()
+    for rse_id in list(stuck):
+        keys = stuck[rse_id]
+        arrived: set[tuple[str, str]] = set()
+        for i in range(0, len(keys), CHUNK):
+            arrived.update((s, n) for s, n in session.execute(
+                select(Replica.scope, Replica.name).where(
+                    Replica.rse_id == rse_id, keys_in(Replica.scope, Replica.name,
+                                                      keys[i:i + CHUNK]),
+                    Replica.state == ReplicaState.AVAILABLE)).all())
+        if arrived:
+            done = sorted(arrived)
+            for i in range(0, len(done), CHUNK):
+                session.execute(update(Lock).where(
+                    Lock.rule_id == rule.id, Lock.rse_id == rse_id,
+                    keys_in(Lock.scope, Lock.name, done[i:i + CHUNK]))
+                    .values(state=LockState.OK, updated_at=now)
+                    .execution_options(synchronize_session=False))
+            result.now_ok += len(done)
+            stuck[rse_id] = [key for key in keys if key not in arrived]
+    stuck = {rse_id: keys for rse_id, keys in stuck.items() if keys}
+    if not stuck:
+        return
+    try:
+        targets = _resolve_for_rule(session, rule.rse_expression)
+        weights = _weights(session, targets, rule.weight)
+    except _REFUSALS as exc:
+        # Nowhere to move them to; Rucio's repairer stops here too.
+        errors.append(exc.message)
+        return
+    planner = _Planner(session, rule, targets, weights,
+                       bypass_quota=is_admin(session, rule.account) or
+                       rule.ignore_account_limit)
+    # RSEs the rule uses for locks that are not stuck: preferred targets, so that moved
+    # files join the rest of their group where they still can.
+    in_use = set(session.scalars(select(Lock.rse_id).where(
+        Lock.rule_id == rule.id, Lock.state != LockState.STUCK).distinct()))
+    retry: dict[str, list[Any]] = defaultdict(list)
+    try:
+        for rse_id, keys in stuck.items():
+            held = _lock_rses(session, rule, keys)
+            files = _light_files(session, keys)
+            batches: dict[frozenset[str], list[Any]] = defaultdict(list)
+            for file in files:
+                batches[frozenset(held[(file.scope, file.name)] | {rse_id})].append(file)
+            for exclude, batch in batches.items():
+                # With grouping NONE each file is placed on its own, as at creation.
+                parts = [[f] for f in batch] if rule.grouping == RuleGrouping.NONE \
+                    else [batch]
+                for part in parts:
+                    try:
+                        planner.place(part, preferred=in_use - exclude, copies=1,
+                                      exclude=exclude)
+                    except _REFUSALS as exc:
+                        errors.append(exc.message)
+                        retry[rse_id].extend(part)
+                        continue
+                    release_locks(session, rule, [(f.scope, f.name) for f in part],
+                                  on_rse=rse_id)
+                    if rse_id in planner.quota:
+                        # The released usage is quota again for the files still to move.
+                        planner.quota[rse_id] += sum(f.bytes or 0 for f in part)
+                    result.moved += len(part)
+    finally:
+        planner.finish()
+    for rse_id, files in retry.items():
+        result.requeued += _requeue(session, planner, rse_id, files, now)
+
+
+def _lock_rses(session: Session, rule: Rule,
+               keys: list[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
+    """The RSEs holding a lock of `rule` on each of these files."""
+    held: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for i in range(0, len(keys), CHUNK):
+        for scope, name, rse_id in session.execute(
+                select(Lock.scope, Lock.name, Lock.rse_id).where(
+                    Lock.rule_id == rule.id, keys_in(Lock.scope, Lock.name,
+                                                     keys[i:i + CHUNK]))):
+            held[(scope, name)].add(rse_id)
+    return held
+
+
+def _light_files(session: Session, keys: list[tuple[str, str]]) -> list[Any]:
+    """(scope, name, bytes, md5, adler32) of these files: what placing them needs."""
+    found: list[Any] = []
+    for i in range(0, len(keys), CHUNK):
+        found.extend(session.execute(
+            select(DID.scope, DID.name, DID.bytes, DID.md5, DID.adler32).where(
+                keys_in(DID.scope, DID.name, keys[i:i + CHUNK]))
+            .order_by(DID.scope, DID.name)).all())
+    return found
+
+
+def _requeue(session: Session, planner: _Planner, rse_id: str, files: list[Any],
+             now: datetime) -> int:
+    """Retry stuck copies on their own RSE, as Rucio's repairer does when no other RSE
+    qualifies: the replica is being copied again and a transfer request is queued (a
+    finished or failed one revived, a cancelled one made anew). The lock stays STUCK
+    until the replica is AVAILABLE. Nothing is retried on an RSE one may not write to."""
+    rse = session.get(RSE, rse_id)
+    if rse is None or not (rse.availability_write or planner.rule.ignore_availability):
+        return 0
+    keys = [(f.scope, f.name) for f in files]
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i:i + CHUNK]
+        session.execute(update(Lock).where(
+            Lock.rule_id == planner.rule.id, Lock.rse_id == rse_id,
+            keys_in(Lock.scope, Lock.name, chunk))
+            .values(repair_cnt=Lock.repair_cnt + 1, updated_at=now)
+            .execution_options(synchronize_session=False))
+        session.execute(update(Replica).where(
+            Replica.rse_id == rse_id, keys_in(Replica.scope, Replica.name, chunk),
+            Replica.state.not_in((ReplicaState.AVAILABLE, ReplicaState.COPYING)))
+            .values(state=ReplicaState.COPYING, updated_at=now)
+            .execution_options(synchronize_session=False))
+    for i in range(0, len(files), CHUNK):
+        planner._requests(files[i:i + CHUNK], rse, now)
+    return len(files)

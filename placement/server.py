@@ -1,5 +1,5 @@
 """The placement server: the Rucio-compatible REST API, our `/stashflow/v1/` extensions
-with their OpenAPI document, and the in-process judge-cleaner."""
+with their OpenAPI document, and the in-process judge-cleaner and judge-repairer."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from stashflow.placement import dids as did_api
 from stashflow.placement import replicas as replica_api
 from stashflow.placement.db import is_sqlite, make_engine, make_sessionmaker
 from stashflow.placement.migrations import check_current
-from stashflow.placement.models import DID, Lock, Replica, Request, Rule
+from stashflow.placement.models import DID, Lock, Replica, Request, Rule, RuleState
 from stashflow.placement.rest import Catalog, errors_middleware, json_response, read_json
 
 log = logging.getLogger("stashflow.placement.server")
@@ -104,8 +104,8 @@ def extension_routes(catalog: Catalog) -> list[web.RouteDef]:
     ]
 
 
-def create_app(url: str, *, cleaner_interval: float = 60.0, threads: int | None = None,
-               check_schema: bool = True) -> web.Application:
+def create_app(url: str, *, cleaner_interval: float = 60.0, repairer_interval: float = 60.0,
+               threads: int | None = None, check_schema: bool = True) -> web.Application:
     """Build the application; raises SchemaNotCurrent on an unmigrated database."""
     if check_schema:
         check_current(url)
@@ -119,10 +119,13 @@ def create_app(url: str, *, cleaner_interval: float = 60.0, threads: int | None 
     app.add_routes(extension_routes(catalog))
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
-        # The background rounds run in one worker only (the others get no cleaner).
+        # The background rounds run in one worker only (the others get no cleaner and no
+        # repairer); an interval of 0 turns a round off.
         tasks = [] if cleaner_interval <= 0 else [
             asyncio.create_task(_cleaner(catalog, cleaner_interval)),
             asyncio.create_task(_statistics(engine))]
+        if repairer_interval > 0:
+            tasks.append(asyncio.create_task(_repairer(catalog, repairer_interval)))
         yield
         for task in tasks:
             task.cancel()
@@ -149,6 +152,43 @@ async def _cleaner(catalog: Catalog, interval: float) -> None:
                 log.info("judge-cleaner removed %d expired rule(s)", removed)
         except Exception:  # keep the loop alive; the next round retries
             log.exception("judge-cleaner round failed")
+
+
+async def _repairer(catalog: Catalog, interval: float) -> None:
+    """Judge-repairer, in-process (Rucio runs it as a daemon)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await repair_pass(catalog)
+        except Exception:  # keep the loop alive; the next round retries
+            log.exception("judge-repairer round failed")
+
+
+async def repair_pass(catalog: Catalog, limit: int = rules.REPAIR_BATCH) -> int:
+    """One pass over the longest-stuck rules, each repaired in its own transaction (so a
+    rule that fails, or waits for a lock, does not hold the others back). Returns how
+    many rules left STUCK."""
+    def batch(session: Session, _caller: None) -> list[str]:
+        return rules.stuck_rules(session, limit)
+
+    def repair(session: Session, _caller: None, rule_id: str) -> rules.Repair | None:
+        return rules.repair_rule(session, rule_id)
+
+    unstuck = 0
+    for rule_id in await catalog.call(None, batch, authenticated=False):
+        try:
+            result = await catalog.call(None, repair, rule_id, authenticated=False)
+        except Exception:  # one rule's failure must not stop the pass
+            log.exception("judge-repairer failed on rule %s", rule_id)
+            continue
+        if result is None:
+            continue
+        if result.changed:
+            log.info("judge-repairer: %s", result)
+        else:
+            log.debug("judge-repairer: %s", result)
+        unstuck += result.state != RuleState.STUCK
+    return unstuck
 
 
 async def _statistics(engine: Engine) -> None:
@@ -200,7 +240,8 @@ def _worker(url: str, host: str, port: int, index: int, log_level: str,
 def run_workers(url: str, host: str, port: int, workers: int, log_level: str = "INFO",
                 **options: Any) -> int:
     """Serve with several processes sharing the port (SO_REUSEPORT); the database is the
-    only shared state. Only the first runs the judge-cleaner, so rounds never race.
+    only shared state. Only the first runs the judge-cleaner and the judge-repairer, so
+    rounds never race.
     Returns the exit status."""
     check_current(url)
     context = multiprocessing.get_context("spawn")
@@ -209,6 +250,7 @@ def run_workers(url: str, host: str, port: int, workers: int, log_level: str = "
         own = dict(options)
         if index > 0:
             own["cleaner_interval"] = 0.0
+            own["repairer_interval"] = 0.0
         process = context.Process(target=_worker, name=f"placement-worker-{index}",
                                   args=(url, host, port, index, log_level, own))
         process.start()

@@ -69,7 +69,8 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
             rses.update_rse(session, name, body)
 
         await catalog.call(request, work)
-        return ok()
+        # 201 as in Rucio: the client's update_rse treats anything else as an error.
+        return created()
 
     async def remove(request: web.Request) -> web.Response:
         name = request.match_info["rse"]

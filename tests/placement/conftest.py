@@ -203,7 +203,11 @@ def stop_server(srv: Server) -> int:
 
 @pytest.fixture
 def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
-    """A bootstrapped catalog served by a real `stashflow placement serve` process."""
-    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path))
+    """A bootstrapped catalog served by a real `stashflow placement serve` process. Its
+    judge-repairer is off: these tests look at STUCK rules as the requests left them (a
+    pass in the middle of a slow test would move or re-queue their locks); the repairer
+    has its own server test."""
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path), "--repairer-interval",
+                       "0")
     yield srv
     stop_server(srv)

@@ -546,8 +546,8 @@ def test_suspended_rules_are_not_extended(world: Factory) -> None:
 
 
 def test_a_stuck_rule_stays_stuck_while_work_is_unplaced(world: Factory) -> None:
-    """No judge-repairer retries what could not be placed, so a later attachment that does
-    fit must not make the rule look healthy; detaching the unplaced file does."""
+    """Until the judge-repairer places what could not be placed, a later attachment that
+    does fit must not make the rule look healthy; detaching the unplaced file does."""
     with world.begin() as s:
         rses.add_rse(s, "T2_W", {})
         quota.set_local_limit(s, "root", "alice", "T2_W", 10_000)

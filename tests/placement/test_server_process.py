@@ -1,5 +1,5 @@
-"""The server process itself: several workers on one port, the in-process judge-cleaner,
-clean shutdown."""
+"""The server process itself: several workers on one port, the in-process judge-cleaner
+and judge-repairer, clean shutdown."""
 
 from __future__ import annotations
 
@@ -51,6 +51,42 @@ def test_cleaner_removes_expired_rules(db_url: str, tmp_path: Path) -> None:
         assert client.get_replication_rule(locked)["locked"] is True
         [lock] = list(client.list_replica_locks(locked))
         assert lock["state"] == "OK"
+    finally:
+        assert stop_server(srv) == 0
+
+
+def test_repairer_repairs_stuck_rules(db_url: str, tmp_path: Path) -> None:
+    srv = start_server(db_url, bootstrapped_home(db_url, tmp_path), "--repairer-interval",
+                       "0.3")
+    try:
+        client = srv.client()
+        client.add_scope("root", "test")
+        client.add_rse("SITE_A")
+        client.add_rse("SITE_B")
+        client.add_replicas("SITE_A", [{"scope": "test", "name": f"f{i}", "bytes": 1}
+                                       for i in range(2)])
+        client.add_dataset("test", "ds")
+        client.attach_dids("test", "ds", [{"scope": "test", "name": "f0"}])
+        [rule_id] = client.add_replication_rule([{"scope": "test", "name": "ds"}], 1,
+                                                "SITE_B")
+        client.update_rse("SITE_B", {"availability_write": False})
+        client.attach_dids("test", "ds", [{"scope": "test", "name": "f1"}])
+        # The repairer runs meanwhile but cannot place f1 on an RSE closed for writing.
+        rule = client.get_replication_rule(rule_id)
+        assert rule["state"] == "STUCK" and "not writable" in rule["error"]
+        client.update_rse("SITE_B", {"availability_write": True})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rule = client.get_replication_rule(rule_id)
+            if rule["state"] != "STUCK":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the judge-repairer did not repair the stuck rule within 20 s")
+        assert rule["state"] == "REPLICATING" and rule["error"] is None
+        assert rule["locks_replicating_cnt"] == 2
+        locks = {(lock["name"], lock["rse"]) for lock in client.list_replica_locks(rule_id)}
+        assert locks == {("f0", "SITE_B"), ("f1", "SITE_B")}
     finally:
         assert stop_server(srv) == 0
 
