@@ -67,7 +67,13 @@ def _apply_env(data: dict[str, Any], prefix: str) -> dict[str, Any]:
         if not name.startswith(prefix):
             continue
         key = name[len(prefix) :].lower()
-        if key and not isinstance(data.get(key), dict):
+        if not key:
+            continue
+        if isinstance(data.get(key), dict):
+            # a variable naming a whole table replaces it (STASHFLOW_CACHE_ORIGINS over
+            # [cache.origins]); the section parses the string as it parses a flag
+            data[key] = raw
+        else:
             data[key] = _coerce(raw, data.get(key))
     return data
 

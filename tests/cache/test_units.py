@@ -279,3 +279,17 @@ def test_inode_pressure_evicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert evicted and evicted[0] >= 80  # down to the 90% low watermark
     assert svc.index.count() == 0
     assert svc.disk_state.startswith("inodes exhausted")  # still full: reported, not hidden
+
+
+def test_an_environment_variable_replaces_a_whole_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stashflow.integration import config as configlib
+
+    toml = tmp_path / "cache.toml"
+    toml.write_text(f'[cache]\ndir = "{tmp_path}"\n[cache.origins]\n"/ospool" = "file:///a"\n')
+    cfg = CacheConfig.build(configlib.load(toml, "cache"), {})
+    assert cfg.origins == {"/ospool": ["file:///a"]}
+    monkeypatch.setenv("STASHFLOW_CACHE_ORIGINS", "/cms=file:///b, /cms=file:///c")
+    cfg = CacheConfig.build(configlib.load(toml, "cache"), {})
+    assert cfg.origins == {"/cms": ["file:///b", "file:///c"]}
