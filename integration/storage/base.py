@@ -82,6 +82,16 @@ class Storage(abc.ABC):
     def url_of(self, path: str) -> str:
         return f"{self.url}/{path.lstrip('/')}" if path else self.url
 
+    def inside(self, path: str) -> str:
+        """`path`, refused (PermissionDenied) if it could leave the storage root: a `..`
+        segment, an absolute path or a NUL. Every backend builds its names through this,
+        whatever checks its callers make first."""
+        if path.startswith("/") or "\x00" in path:
+            raise PermissionDenied(self.url_of(path), "path must be relative to the storage root")
+        if any(part == ".." for part in path.split("/")):
+            raise PermissionDenied(self.url_of(path), "path escapes the storage root")
+        return path
+
     @abc.abstractmethod
     async def stat(self, path: str) -> ObjectInfo:
         """Size, mtime, etag of an object (or a directory, with is_dir=True)."""

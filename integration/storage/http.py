@@ -200,6 +200,7 @@ class HTTPStorage(Storage):
     def _location(self, path: str) -> str:
         """The request URL of `path`: percent-encoded here, so that a name containing
         '%', '#' or '?' reaches the server as that name."""
+        path = self.inside(path)
         return f"{self._base}/{quote(path)}" if path else self._base + "/"
 
     def _request(
@@ -303,7 +304,7 @@ class HTTPStorage(Storage):
         raise error_for_status(url, response.status, await _detail(response))
 
     async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
-        url = self.url_of(path)
+        url = self.url_of(self.inside(path))  # the MOVE destination is built from it too
         if not path:
             raise PermissionDenied(url, "cannot write over the storage root")
         directory, _, name = path.rpartition("/")

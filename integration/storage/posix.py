@@ -198,10 +198,7 @@ class PosixStorage(Storage):
         self.file_mode: int = int(options.get("file_mode", 0o644))
 
     def _local(self, path: str) -> str:
-        if path.startswith("/") or "\x00" in path:
-            raise PermissionDenied(self.url_of(path), "path must be relative to the storage root")
-        if any(part == ".." for part in path.split("/")):
-            raise PermissionDenied(self.url_of(path), "path escapes the storage root")
+        path = self.inside(path)
         return os.path.join(self.root, path) if path else str(self.root)
 
     def _info(self, path: str, st: os.stat_result) -> ObjectInfo:

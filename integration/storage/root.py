@@ -133,6 +133,7 @@ class RootStorage(Storage):
         self._fs = client.FileSystem(self.server)
 
     def _full(self, path: str) -> str:
+        path = self.inside(path)
         return f"{self.base.rstrip('/')}/{path}" if path else self.base
 
     def _file_url(self, path: str) -> str:

@@ -136,7 +136,7 @@ class S3Storage(Storage):
         )
 
     def _key(self, path: str) -> str:
-        path = path.strip("/")
+        path = self.inside(path.strip("/"))
         if self.prefix and path:
             return f"{self.prefix}/{path}"
         return self.prefix or path

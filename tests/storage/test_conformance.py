@@ -470,6 +470,20 @@ async def test_file_shrinking_during_a_read_is_corrupt(
         await storage.close()
 
 
+async def test_every_backend_refuses_paths_outside_its_root(subject: Subject) -> None:
+    # the root's sibling exists on every backend: a `..` must never reach it
+    storage = subject.storage
+    await storage.write("inside.txt", b"in")
+    for bad in ("../secret", "a/../../secret", "x/..", "a\x00b"):
+        calls = (lambda p: storage.stat(p), lambda p: storage.write(p, b"x"),
+                 lambda p: storage.list(p), lambda p: storage.delete(p),
+                 lambda p: storage.read(p))
+        for call in calls:
+            with pytest.raises(PermissionDenied, match="storage root"):
+                await call(bad)
+    assert await storage.read("inside.txt") == b"in"
+
+
 async def test_posix_refuses_paths_outside_its_root(tmp_path: Path) -> None:
     (tmp_path / "secret").write_bytes(b"s")
     storage = PosixStorage(f"file://{tmp_path}/root")
