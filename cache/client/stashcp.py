@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-resume", action="store_true", help="ignore partial earlier downloads")
     p.add_argument("--limit-rate", metavar="SIZE", help="cap the total rate, bytes per second")
-    p.add_argument("--min-rate", metavar="SIZE", help="slower than this per second is a stall [64KiB]")
+    p.add_argument("--min-rate", metavar="SIZE",
+                   help="slower than this per second is a stall [64KiB]")
     p.add_argument("--stall-window", metavar="DURATION", help="over this window [30s]")
     p.add_argument("--no-origin", action="store_true", help="never fall back to the origin")
     p.add_argument("--version", action="store_true", help="print the version and exit")
