@@ -14,8 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stashflow.placement import naming
-from stashflow.placement.clock import iso
-from stashflow.placement.exceptions import AccountNotFound, Duplicate, InvalidObject
+from stashflow.placement.clock import iso, utcnow
+from stashflow.placement.exceptions import (
+    AccountNotFound,
+    Duplicate,
+    IdentityError,
+    InvalidObject,
+)
 from stashflow.placement.models import (
     Account,
     AccountAttribute,
@@ -71,6 +76,99 @@ def add_account(session: Session, name: str, account_type: str = "USER",
     session.add(row)
     session.flush()
     return row
+
+
+def list_accounts(session: Session, filters: dict[str, str]) -> list[dict[str, Any]]:
+    """Rucio's list_accounts: active accounts, filtered by `account_type`, `identity`,
+    `account` (with * wildcards) and any other key as an account attribute equal to the
+    value (core/account.py list_accounts)."""
+    query = select(Account).where(Account.status == AccountStatus.ACTIVE)
+    for key, value in filters.items():
+        if key == "account_type":
+            try:
+                kind = AccountType[value.upper()]
+            except KeyError:
+                raise InvalidObject(f"Invalid account type {value!r}") from None
+            query = query.where(Account.account_type == kind)
+        elif key == "identity":
+            query = query.where(Account.account.in_(
+                select(IdentityAccount.account).where(IdentityAccount.identity == value)))
+        elif key == "account":
+            if "*" in value:
+                query = query.where(Account.account.like(value.replace("*", "%")))
+            else:
+                query = query.where(Account.account == value)
+        else:
+            query = query.where(Account.account.in_(
+                select(AccountAttribute.account).where(AccountAttribute.key == key,
+                                                       AccountAttribute.value == _stored(value))))
+    return [{"account": r.account, "type": r.account_type.value, "email": r.email}
+            for r in session.scalars(query.order_by(Account.account))]
+
+
+def update_account(session: Session, name: str, key: str, value: Any) -> None:
+    """Rucio's update_account for the keys its client sends: `email`, and `status`
+    (ACTIVE or SUSPENDED, stamping suspended_at as Rucio does). Rucio would set any
+    column named by the key; we refuse other keys rather than let a client rewrite the
+    account's name, type or timestamps."""
+    row = get_account(session, name)
+    if key == "email":
+        if value is not None and (not isinstance(value, str) or len(value) > 255):
+            raise InvalidObject(f"Invalid email {str(value)[:100]!r}")
+        row.email = value
+    elif key == "status":
+        try:
+            status = AccountStatus[str(value).upper()]
+        except KeyError:
+            raise InvalidObject(f"Unknown value {value}") from None
+        if status == AccountStatus.SUSPENDED:
+            row.status, row.suspended_at = status, utcnow()
+        elif status == AccountStatus.ACTIVE:
+            row.status, row.suspended_at = status, None
+        else:
+            raise InvalidObject(f"Unknown value {value}")
+    else:
+        raise InvalidObject(f"The account parameter {key!r} cannot be updated")
+    session.flush()
+
+
+def delete_account(session: Session, name: str) -> None:
+    """Rucio's del_account: a soft delete of an active account (its rules, scopes and
+    identities stay, as in Rucio)."""
+    row = session.get(Account, name)
+    if row is None or row.status != AccountStatus.ACTIVE:
+        raise AccountNotFound(f"Account with ID '{name}' cannot be found")
+    row.status, row.deleted_at = AccountStatus.DELETED, utcnow()
+    session.flush()
+
+
+def list_identities(session: Session, name: str) -> list[dict[str, Any]]:
+    row = session.get(Account, name)
+    if row is None or row.status != AccountStatus.ACTIVE:
+        raise AccountNotFound(f"Account with ID '{name}' cannot be found")
+    query = (select(IdentityAccount.identity_type, IdentityAccount.identity, Identity.email)
+             .join(Identity, (Identity.identity == IdentityAccount.identity)
+                   & (Identity.identity_type == IdentityAccount.identity_type))
+             .where(IdentityAccount.account == name)
+             .order_by(IdentityAccount.identity_type, IdentityAccount.identity))
+    return [{"type": kind.value, "identity": identity, "email": email}
+            for kind, identity, email in session.execute(query)]
+
+
+def delete_identity_mapping(session: Session, identity: str, identity_type: str,
+                            account: str) -> None:
+    """Rucio's del_account_identity: only the mapping goes; the identity itself stays
+    (other accounts may still use it)."""
+    get_account(session, account)
+    try:
+        kind = IdentityType[str(identity_type).upper()]
+    except KeyError:
+        raise InvalidObject(f"Invalid identity type {identity_type!r}") from None
+    mapping = session.get(IdentityAccount, (identity, kind, account))
+    if mapping is None:
+        raise IdentityError(f"Identity ('{identity}','{kind.value}') does not exist!")
+    session.delete(mapping)
+    session.flush()
 
 
 def account_dict(row: Account) -> dict[str, object]:
@@ -150,24 +248,33 @@ def is_admin(session: Session, account: str) -> bool:
 
 
 def add_userpass_identity(session: Session, username: str, password: str, account: str,
-                          email: str | None = None, default: bool = True) -> None:
-    """Map a userpass identity to an account; an existing identity gets its password reset."""
+                          email: str | None = None, default: bool = True,
+                          reset_password: bool = False) -> None:
+    """Map a userpass identity to an account, as Rucio's add_account_identity: an existing
+    identity is reused unchanged (its password is not touched, else any admin adding a
+    mapping could take over another account's login), and an existing mapping is a
+    Duplicate. Only the bootstrap passes reset_password, to recover root's login."""
     get_account(session, account)
     if not username or len(username) > 2048:
         raise InvalidObject("A userpass identity needs a username of 1 to 2048 characters")
-    if not password:
-        raise InvalidObject(f"The userpass identity '{username}' needs a non-empty password")
     identity = session.get(Identity, (username, IdentityType.USERPASS))
+    if identity is None or reset_password:
+        if not password:
+            raise InvalidObject(f"The userpass identity '{username}' needs a non-empty "
+                                f"password")
     if identity is None:
         session.add(Identity(identity=username, identity_type=IdentityType.USERPASS,
                              password_hash=hash_password(password), email=email))
-    else:
+    elif reset_password:
         identity.password_hash = hash_password(password)
     session.flush()
     mapping = session.get(IdentityAccount, (username, IdentityType.USERPASS, account))
-    if mapping is None:
-        session.add(IdentityAccount(identity=username, identity_type=IdentityType.USERPASS,
-                                    account=account, is_default=default))
+    if mapping is not None:
+        if reset_password:
+            return
+        raise Duplicate(f"Identity pair '{username}','USERPASS' already exists!")
+    session.add(IdentityAccount(identity=username, identity_type=IdentityType.USERPASS,
+                                account=account, is_default=default))
     session.flush()
 
 
@@ -186,5 +293,5 @@ def bootstrap_root(session: Session, username: str, password: str) -> bool:
         add_account(session, "root", "SERVICE")
         created = True
     set_attribute(session, "root", "admin", "True")
-    add_userpass_identity(session, username, password, "root")
+    add_userpass_identity(session, username, password, "root", reset_password=True)
     return created

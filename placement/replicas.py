@@ -208,8 +208,11 @@ def _sites(session: Session, domains: list[str], schemes: list[str] | None,
             continue
         readers: list[tuple[str, str, str]] = []
         for current in domains:
-            ranked = [(_read_priority(p, current) or 0, p) for p in protocols[rse.id]
-                      if _read_priority(p, current) and (not schemes or p.scheme in schemes)]
+            # Only None disables an operation: 0 is the highest priority (rsemanager's
+            # _get_possible_protocols).
+            ranked = [(rank, p) for p in protocols[rse.id]
+                      if (rank := _read_priority(p, current)) is not None
+                      and (not schemes or p.scheme in schemes)]
             usable = [p for _rank, p in sorted(ranked, key=lambda pair: pair[0])]
             readers.extend((current, p.scheme, pfn_prefix(p)) for p in usable)
         sites[rse.id] = _Site(rse.rse, {"rse_id": rse.id, "rse": rse.rse,

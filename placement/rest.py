@@ -64,6 +64,14 @@ def stream_response(items: Iterable[Any]) -> web.Response:
     return web.Response(status=200, body=body, headers={"Content-Type": STREAM})
 
 
+def stream_response_with_infinity(items: Iterable[Any]) -> web.Response:
+    """stream_response for the few small answers that may hold infinite quotas: orjson
+    writes inf as null, which the client cannot do arithmetic with, whereas Rucio's
+    encoder writes `Infinity` (which Python's json reads back as float('inf'))."""
+    body = b"".join(json.dumps(item).encode() + b"\n" for item in items)
+    return web.Response(status=200, body=body, headers={"Content-Type": STREAM})
+
+
 # Lines per write of a streamed listing: large enough that a write costs little, small
 # enough that the client starts parsing while the rest is still being produced.
 STREAM_BATCH = 500

@@ -223,9 +223,6 @@ def list_attributes(session: Session, row: RSE) -> dict[str, Any]:
 
 # --- protocols -----------------------------------------------------------------------
 
-_DEFAULT_PORTS = {"https": 443, "http": 80, "root": 1094, "davs": 443, "s3": 443}
-
-
 def add_protocol(session: Session, rse: str, data: dict[str, Any]) -> None:
     row = get_rse(session, rse)
     scheme = data.get("scheme")
@@ -234,15 +231,22 @@ def add_protocol(session: Session, rse: str, data: dict[str, Any]) -> None:
     if not isinstance(scheme, str) or not scheme:
         raise InvalidObject(f"A protocol of RSE '{rse}' needs a scheme")
     if port is None:
-        port = _DEFAULT_PORTS.get(scheme, 0)
+        # Rucio's default (core/rse.py add_protocol): port 0, "the scheme's own port",
+        # which PFNs then leave out.
+        port = 0
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise InvalidObject(f"Invalid port {port!r} for the {scheme} protocol of '{rse}'")
     if not isinstance(hostname, str):
         raise InvalidObject(f"Invalid hostname for the {scheme} protocol of '{rse}'")
+    impl = data.get("impl")
+    if not isinstance(impl, str) or not impl:
+        # Rucio's impl column is NOT NULL and its add_protocol turns the violation into
+        # this InvalidObject; the CLI always sends its default implementation.
+        raise InvalidObject("Missing values!")
     if session.get(RSEProtocol, (row.id, scheme, hostname, port)) is not None:
         raise Duplicate(f"Protocol {scheme}://{hostname}:{port} already exists on '{rse}'")
     protocol = RSEProtocol(rse_id=row.id, scheme=scheme, hostname=hostname, port=port,
-                           prefix=data.get("prefix") or "", impl=data.get("impl") or "",
+                           prefix=data.get("prefix") or "", impl=impl,
                            extended_attributes=data.get("extended_attributes"))
     domains = data.get("domains") or {}
     if not isinstance(domains, dict):
@@ -255,12 +259,13 @@ def add_protocol(session: Session, rse: str, data: dict[str, Any]) -> None:
             if column is None:
                 raise InvalidObject(f"Unknown protocol domain/operation {domain}/{operation}")
             if priority is not None and (not isinstance(priority, int)
-                                         or isinstance(priority, bool)):
-                raise InvalidObject(f"Priority of {domain}/{operation} must be an integer")
-            # 0 meant "unsupported" in older conventions; store it as NULL.
-            setattr(protocol, column, priority or None)
+                                         or isinstance(priority, bool) or priority < 0):
+                raise InvalidObject(f"Priority of {domain}/{operation} must be an integer "
+                                    f">= 0")
+            # As in Rucio, 0 is a valid priority (the highest); only None disables.
+            setattr(protocol, column, priority)
             if operation == "third_party_copy":
-                protocol.third_party_copy_write = priority or None
+                protocol.third_party_copy_write = priority
     session.add(protocol)
     session.flush()
 
@@ -302,10 +307,11 @@ def delete_protocols(session: Session, rse: str, scheme: str, hostname: str | No
 
 
 def pfn_prefix(protocol: RSEProtocol) -> str:
-    """`scheme://host[:port]/prefix` without a trailing slash."""
+    """`scheme://host[:port]/prefix` without a trailing slash. As Rucio's protocols do,
+    the port is written whenever it is not 0, even when it is the scheme's default:
+    clients compare PFNs as strings."""
     prefix = (protocol.prefix or "").rstrip("/")
-    default_port = _DEFAULT_PORTS.get(protocol.scheme)
-    port = "" if protocol.port in (0, default_port) else f":{protocol.port}"
+    port = "" if protocol.port == 0 else f":{protocol.port}"
     return f"{protocol.scheme}://{protocol.hostname}{port}{prefix}"
 
 

@@ -612,15 +612,15 @@ def list_rules(session: Session, filters: dict[str, str]) -> list[dict[str, Any]
 
 
 def _with_bytes(session: Session, rows: list[Rule]) -> list[dict[str, Any]]:
-    """Rule dicts plus `bytes` (the size the rule's locks cover), which `rule list`
-    prints as SIZE."""
-    sizes: dict[str, int] = {}
-    ids = [r.id for r in rows]
-    for i in range(0, len(ids), CHUNK):
-        sizes.update(session.execute(
-            select(Lock.rule_id, func.sum(Lock.bytes)).where(Lock.rule_id.in_(ids[i:i + CHUNK]))
-            .group_by(Lock.rule_id)).all())
-    return [{**rule_dict(r), "bytes": int(sizes.get(r.id) or 0)} for r in rows]
+    """Rule dicts plus `bytes`, which `rule list` prints as SIZE: the size of the rule's
+    DID, as Rucio joins it in (core/rule.py list_rules), not what its locks cover."""
+    sizes: dict[tuple[str, str], int | None] = {}
+    keys = sorted({(r.scope, r.name) for r in rows})
+    for i in range(0, len(keys), CHUNK):
+        sizes.update(((scope, name), size) for scope, name, size in session.execute(
+            select(DID.scope, DID.name, DID.bytes)
+            .where(keys_in(DID.scope, DID.name, keys[i:i + CHUNK]))).all())
+    return [{**rule_dict(r), "bytes": sizes.get((r.scope, r.name))} for r in rows]
 
 
 def did_rules(session: Session, scope: str, name: str) -> list[dict[str, Any]]:
@@ -628,6 +628,57 @@ def did_rules(session: Session, scope: str, name: str) -> list[dict[str, Any]]:
     return _with_bytes(session, list(session.scalars(
         select(Rule).where(Rule.scope == scope, Rule.name == name)
         .order_by(Rule.created_at, Rule.id))))
+
+
+def associated_rules_for_file(session: Session, scope: str, name: str) -> list[dict[str, Any]]:
+    """Rucio's list_associated_rules_for_file: the rules holding a lock on the file."""
+    get_did(session, scope, name)
+    held = select(Lock.rule_id).where(Lock.scope == scope, Lock.name == name)
+    return _with_bytes(session, list(session.scalars(
+        select(Rule).where(Rule.id.in_(held)).order_by(Rule.created_at, Rule.id))))
+
+
+def dataset_locks(session: Session, scope: str, name: str) -> list[dict[str, Any]]:
+    """Rucio's get_dataset_locks. Rucio stores a dataset lock per (rule, RSE) for rules
+    grouped by DATASET or ALL on the dataset or on a container above it; we keep only
+    file locks, so the dataset locks are derived from them: the RSEs where such a rule
+    locks the dataset's files, STUCK if any of those locks is, else REPLICATING if any
+    is, else OK."""
+    did = session.get(DID, (scope, name))
+    if did is None or did.did_type != DIDType.DATASET:
+        return []
+    covering = {(scope, name)}
+    frontier = [(scope, name)]
+    while frontier:  # the containers above the dataset, however deep
+        parents = set(session.execute(
+            select(Attachment.scope, Attachment.name)
+            .where(keys_in(Attachment.child_scope, Attachment.child_name, frontier))).all())
+        frontier = [tuple(p) for p in parents if tuple(p) not in covering]
+        covering.update(frontier)
+    grouped = list(session.scalars(select(Rule).where(
+        keys_in(Rule.scope, Rule.name, sorted(covering)),
+        Rule.grouping != RuleGrouping.NONE)))
+    if not grouped:
+        return []
+    by_id = {rule.id: rule for rule in grouped}
+    in_dataset = exists().where(Attachment.scope == scope, Attachment.name == name,
+                                Attachment.child_scope == Lock.scope,
+                                Attachment.child_name == Lock.name)
+    counts: dict[tuple[str, str, str], set[LockState]] = defaultdict(set)
+    for rule_id, rse_id, rse, state in session.execute(
+            select(Lock.rule_id, Lock.rse_id, RSE.rse, Lock.state).distinct()
+            .join(RSE, RSE.id == Lock.rse_id)
+            .where(Lock.rule_id.in_(list(by_id)), in_dataset)):
+        counts[(rule_id, rse_id, rse)].add(state)
+    out = []
+    for (rule_id, rse_id, rse), states in sorted(counts.items(), key=lambda i: i[0]):
+        state = next(s for s in (LockState.STUCK, LockState.REPLICATING, LockState.OK)
+                     if s in states)
+        out.append({"rse_id": rse_id, "rse": rse, "scope": scope, "name": name,
+                    "rule_id": rule_id, "account": by_id[rule_id].account,
+                    "state": state.value, "length": did.length, "bytes": did.bytes,
+                    "accessed_at": None})
+    return out
 
 
 def list_locks(session: Session, rule_id: str) -> list[dict[str, Any]]:

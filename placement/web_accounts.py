@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from stashflow.placement import accounts, auth, quota, scopes
 from stashflow.placement.clock import rfc1123
 from stashflow.placement.exceptions import AccessDenied, ScopeNotFound
-from stashflow.placement.models import Account, AccountStatus
 from stashflow.placement.rest import (
     OCTET,
     Catalog,
@@ -21,6 +19,7 @@ from stashflow.placement.rest import (
     ok,
     read_json,
     stream_response,
+    stream_response_with_infinity,
 )
 from stashflow.placement.rules import list_rules
 
@@ -99,13 +98,54 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         return created()
 
     async def list_accounts(request: web.Request) -> web.Response:
+        # Rucio filters on every query argument (account_type, identity, account, or an
+        # account attribute), first value of each.
+        filters = {key: request.query[key] for key in request.query}
+
         def work(session: Session, _caller: str) -> list[dict[str, Any]]:
-            rows = session.scalars(select(Account).where(
-                Account.status != AccountStatus.DELETED).order_by(Account.account))
-            return [{"account": r.account, "type": r.account_type.value, "email": r.email}
-                    for r in rows]
+            return accounts.list_accounts(session, filters)
 
         return stream_response(await catalog.call(request, work))
+
+    async def update_account(request: web.Request) -> web.Response:
+        name = request.match_info["account"]
+        body = await read_json(request, allowed={"email", "status"})
+
+        def work(session: Session, caller: str) -> None:
+            _require_admin(session, caller, f"change the account {name}")
+            for key, value in body.items():
+                accounts.update_account(session, name, key, value)
+
+        await catalog.call(request, work)
+        return ok()
+
+    async def delete_account(request: web.Request) -> web.Response:
+        name = request.match_info["account"]
+
+        def work(session: Session, caller: str) -> None:
+            _require_admin(session, caller, "delete account")
+            accounts.delete_account(session, name)
+
+        await catalog.call(request, work)
+        return ok()
+
+    async def list_identities(request: web.Request) -> web.Response:
+        name = request.match_info["account"]
+        return stream_response(await catalog.call(
+            request, lambda s, _c: accounts.list_identities(s, name)))
+
+    async def delete_identity(request: web.Request) -> web.Response:
+        name = request.match_info["account"]
+        body = await read_json(request, allowed={"identity", "authtype"},
+                               required=("identity", "authtype"))
+
+        def work(session: Session, caller: str) -> None:
+            _require_admin(session, caller, f"delete identities of account {name}")
+            accounts.delete_identity_mapping(session, str(body["identity"]),
+                                             str(body["authtype"]), name)
+
+        await catalog.call(request, work)
+        return ok()
 
     async def add_identity(request: web.Request) -> web.Response:
         name = request.match_info["account"]
@@ -253,7 +293,7 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
             rows = quota.global_usage(session, account)
             return [r for r in rows if target is None or r["rse_expression"] == target]
 
-        return stream_response(await catalog.call(request, work))
+        return stream_response_with_infinity(await catalog.call(request, work))
 
     limit_path = "/accounts/{account}/limits/{locality:local|global}"
     usage_path = "/accounts/{account}/usage/{locality:local|global}"
@@ -265,7 +305,11 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         web.get("/accounts", list_accounts), web.get("/accounts/", list_accounts),
         web.get("/accounts/{account}", get_account),
         web.post("/accounts/{account}", add_account),
+        web.put("/accounts/{account}", update_account),
+        web.delete("/accounts/{account}", delete_account),
         web.post("/accounts/{account}/identities", add_identity),
+        web.get("/accounts/{account}/identities", list_identities),
+        web.delete("/accounts/{account}/identities", delete_identity),
         web.get("/accounts/{account}/attr", list_attributes),
         web.get("/accounts/{account}/attr/", list_attributes),
         web.post("/accounts/{account}/attr/{key}", add_attribute),

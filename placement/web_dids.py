@@ -24,7 +24,7 @@ from stashflow.placement.rest import (
     stream_response,
 )
 
-_SUFFIXES = ("dids", "meta", "status", "rules", "files", "parents")
+_SUFFIXES = ("dids", "meta", "status", "rules", "files", "parents", "associated_rules")
 _FILTER_MAX = 10_000
 
 
@@ -163,6 +163,9 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
         if suffix == "parents":
             return stream_response(await catalog.call(
                 request, lambda s, _c: dids.list_parents(s, scope, name)))
+        if suffix == "associated_rules":
+            return stream_response(await catalog.call(
+                request, lambda s, _c: rules.associated_rules_for_file(s, scope, name)))
         raise web.HTTPNotFound(reason=f"Unknown DID resource '{suffix}'")
 
     async def post(request: web.Request) -> web.Response:

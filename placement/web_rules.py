@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from stashflow.placement import rules
 from stashflow.placement.rest import (
     Catalog,
+    HTTPError,
     json_response,
     ok,
     read_json,
@@ -76,7 +77,19 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
 
         return stream_response(await catalog.call(request, work))
 
+    async def dataset_locks(request: web.Request) -> web.Response:
+        # /locks/{scope}/{name}: the name may hold slashes, so the tail is split here.
+        scope, _, name = request.match_info["tail"].partition("/")
+        if request.query.get("did_type") != "dataset":
+            # Rucio answers a bare 500 with this text for any other did_type.
+            raise HTTPError(500, "ValueError", "Wrong did_type specified")
+        if not scope or not name:
+            raise HTTPError(400, "ValueError", "Cannot extract a scope and a name")
+        return stream_response(await catalog.call(
+            request, lambda s, _c: rules.dataset_locks(s, scope, name)))
+
     return [
+        web.get("/locks/{tail:.+}", dataset_locks),
         web.post("/rules", add), web.post("/rules/", add),
         web.get("/rules", list_), web.get("/rules/", list_),
         web.get("/rules/{rule_id}", get), web.delete("/rules/{rule_id}", delete),

@@ -325,7 +325,7 @@ def test_rse_attributes_protocols_distances(factory: Factory) -> None:
         with pytest.raises(Duplicate):
             rses.add_protocol(session, "SITE_A", {"scheme": "https",
                                                   "hostname": "dav.example.org",
-                                                  "port": 443})
+                                                  "port": 443, "impl": "x"})
         rses.add_rse(session, "SITE_B", {})
         rses.set_distance(session, "SITE_A", "SITE_B", 3)
         assert rses.distances_from(session, "SITE_A", "SITE_B")[0]["distance"] == 3
