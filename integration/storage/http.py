@@ -60,7 +60,9 @@ def error_for_status(url: str, status: int, detail: str = "") -> StorageError:
         return Corrupt(url, reason + " (range beyond the end of the object)")
     if status >= 500 or status in (408, 429):
         return Unavailable(url, reason)
-    return StorageError(url, reason)
+    # any other 4xx (400 for a path the server will not take, 409, 412, 413...): the
+    # server refused this request, and sending it again would not change that
+    return PermissionDenied(url, reason)
 
 
 def parse_digest(header: str) -> dict[str, str]:

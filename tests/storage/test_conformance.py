@@ -29,7 +29,7 @@ from stashflow.integration.storage import (
     Storage,
     Unavailable,
 )
-from stashflow.integration.storage.http import HTTPStorage, parse_digest
+from stashflow.integration.storage.http import HTTPStorage, error_for_status, parse_digest
 from stashflow.integration.storage.posix import PosixStorage, map_os_error
 from stashflow.integration.storage.s3 import PART_SIZE, S3Storage
 from tests.conftest import require_real
@@ -495,6 +495,20 @@ async def test_posix_refuses_paths_outside_its_root(tmp_path: Path) -> None:
         with pytest.raises(PermissionDenied):
             await storage.list(bad)
     assert (tmp_path / "secret").read_bytes() == b"s"
+
+
+def test_http_status_mapping_stays_in_the_small_set() -> None:
+    from stashflow.integration.storage import StorageError, Unsupported
+
+    url = "http://o/ns/f"
+    kinds = {404: NotFound, 410: NotFound, 401: PermissionDenied, 403: PermissionDenied,
+             400: PermissionDenied, 409: PermissionDenied, 412: PermissionDenied,
+             413: PermissionDenied, 405: Unsupported, 501: Unsupported, 416: Corrupt,
+             408: Unavailable, 429: Unavailable, 500: Unavailable, 503: Unavailable}
+    for status, kind in kinds.items():
+        error = error_for_status(url, status, "why")
+        assert type(error) is kind and type(error) is not StorageError, status
+        assert error.url == url and f"HTTP {status}: why" in error.reason
 
 
 def test_posix_errno_mapping() -> None:
