@@ -43,7 +43,8 @@ def cache_group() -> None:
     help="Namespace and the storage URL behind it (file://, https://, "
     "s3://bucket/prefix, root://host:port//path). Repeatable.",
 )
-@click.option("--workers", type=int, help="Worker processes sharing the cache [1].")
+@click.option("--workers", type=int,
+              help="Worker processes sharing the cache [one per CPU, at most 16].")
 @click.option("--block-size", help="Cache block size [1MiB].")
 @click.option("--inline-max", help="Objects up to this size are kept in the index [64KiB].")
 @click.option(

@@ -9,6 +9,8 @@ from typing import Any
 
 from stashflow.integration.config import ConfigError, parse_duration, parse_size
 
+MAX_AUTO_WORKERS = 16  # each worker holds its own LMDB environment and buffers
+
 
 @dataclass
 class CacheConfig:
@@ -16,7 +18,9 @@ class CacheConfig:
     size: int
     origins: dict[str, list[str]]  # namespace -> its origins, tried in turn
     listen: str = "127.0.0.1:8000"
-    workers: int = 1
+    # worker processes: one per CPU by default, as nginx's `worker_processes auto` (a
+    # worker is one event loop, so a single one leaves every other core idle)
+    workers: int = field(default_factory=lambda: min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
     block_size: int = 1 << 20
     inline_max: int = 64 << 10
     readahead: int = 4  # blocks fetched beyond what was asked
@@ -100,6 +104,8 @@ class CacheConfig:
                 "origin_concurrency must be below total_concurrency, so that one stalled "
                 "origin cannot take every fetch slot from the others"
             )
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
         if self.access_flush <= 0:
             raise ConfigError("access_flush must be a positive duration, e.g. 15s")
         if self.verify not in ("on-change", "always"):

@@ -293,3 +293,15 @@ def test_an_environment_variable_replaces_a_whole_table(
     monkeypatch.setenv("STASHFLOW_CACHE_ORIGINS", "/cms=file:///b, /cms=file:///c")
     cfg = CacheConfig.build(configlib.load(toml, "cache"), {})
     assert cfg.origins == {"/cms": ["file:///b", "file:///c"]}
+
+
+def test_one_worker_per_cpu_by_default(tmp_path: Path) -> None:
+    import os
+
+    from stashflow.cache.config import MAX_AUTO_WORKERS
+
+    base = {"directory": str(tmp_path), "origins": ["/ns=file:///tmp"]}
+    assert CacheConfig.build({}, base).workers == min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+    assert CacheConfig.build({"workers": 3}, base).workers == 3
+    with pytest.raises(ConfigError, match="workers must be at least 1"):
+        CacheConfig.build({"workers": 0}, base)
