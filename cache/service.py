@@ -105,6 +105,7 @@ class CacheService:
             await self.verifier.close()
         await self.fetcher.close()
         await asyncio.to_thread(self.flush_accesses)
+        await asyncio.to_thread(self.index.release_marks)
         await self.namespaces.close()
         self.index.sync()
         self.index.close()
@@ -492,6 +493,8 @@ class CacheService:
                     # before evicting, so that recent reads count in the order
                     await asyncio.to_thread(self.flush_accesses)
                     last_flush = time.monotonic()
+                # marks of reads that ended over a second ago: eviction may take those
+                await asyncio.to_thread(self.index.release_marks, 1.0)
                 await asyncio.to_thread(self.enforce_limits)
                 if time.monotonic() - last_sync > 5:
                     await asyncio.to_thread(self.index.sync)
