@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stashflow.cache.client import condor
+from stashflow.cache.client import bulk, condor
 from stashflow.cache.client.allocator import keep_freed_memory
 from stashflow.cache.client.discovery import Remote, is_remote, parse_remote, server_of
 from stashflow.cache.client.errors import (
@@ -301,6 +301,9 @@ async def _copy(args: argparse.Namespace, opts: Options, progress: Progress) -> 
                 raise UsageError(dest, "copying between two remote locations is not supported")
             plan, failed = await _plan_downloads(client, sources, dest, args.recursive)
             progress.files_total = len(plan)
+            fetched: list[Result] = []
+            if len(plan) > 1 and bulk.usable(opts):
+                plan, fetched = await _fetch_whole(client, plan, progress)
 
             async def down(remote: Remote, path: Path, arg: int) -> Result:
                 async with sem:
@@ -309,10 +312,40 @@ async def _copy(args: argparse.Namespace, opts: Options, progress: Progress) -> 
                 return result
 
             done = await asyncio.gather(*(down(r, p, a) for r, p, a in plan))
-            return _in_argument_order(failed + list(done))
+            return _in_argument_order(failed + fetched + list(done))
         finally:
             drawer.cancel()
             await asyncio.gather(drawer, return_exceptions=True)
+
+
+async def _fetch_whole(
+    client: Client, plan: list[tuple[Remote, Path, int]], progress: Progress
+) -> tuple[list[tuple[Remote, Path, int]], list[Result]]:
+    """The first pass over many downloads (cache/client/bulk.py): the objects whose
+    source needs no director, each in one GET through libcurl. Returns what is left for
+    the transfer engine and the results of what was fetched."""
+    jobs: list[bulk.Job] = []
+    planned: list[tuple[Remote, Path, int]] = []
+    left: list[tuple[Remote, Path, int]] = []
+    for remote, path, arg in plan:
+        srcs = client.fixed_sources(remote)
+        if srcs and srcs[0].url.startswith(("http://", "https://")):
+            headers = client.auth_headers(None)
+            jobs.append(bulk.Job(remote.url(), srcs[0].url, path, headers))
+            planned.append((remote, path, arg))
+        else:
+            left.append((remote, path, arg))
+    fetched: list[Result] = []
+
+    def done(index: int, result: Result) -> None:
+        result.arg = planned[index][2]
+        progress.add_total(result.size)
+        progress.add(result.size)
+        progress.file_done()
+        fetched.append(result)
+
+    back = await asyncio.to_thread(bulk.fetch, jobs, client.opts, done)
+    return left + [planned[i] for i in back], fetched
 
 
 async def _closest(args: argparse.Namespace, opts: Options) -> int:

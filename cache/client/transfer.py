@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import fnmatch
 import functools
+import importlib.util
 import json
 import logging
 import os
 import posixpath
 import stat
+import sys
 import threading
 import time
 import urllib.parse
@@ -31,9 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from stashflow.cache.client import splice
 from stashflow.cache.client.discovery import (
@@ -69,6 +69,25 @@ from stashflow.integration.checksums import (
     http_name,
     to_digest_header,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
+else:
+    def _imported_on_first_use(name: str) -> Any:
+        """The module, executed when one of its attributes is first used. aiohttp takes
+        a third of stashcp's start (its TLS contexts are built at import), and a run whose
+        files all come through libcurl (cache/client/bulk.py) never needs it."""
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    aiohttp = _imported_on_first_use("aiohttp")
 
 log = logging.getLogger("stashcp")
 
@@ -381,7 +400,7 @@ _COMBINE: dict[str, Callable[[int, int, int], int]] = {
 }
 
 
-def _want_digest(pref: str) -> str:
+def want_digest(pref: str) -> str:
     if pref in ALGORITHMS:
         return http_name(pref)
     qs = (1.0, 0.8, 0.5, 0.3)
@@ -391,7 +410,7 @@ def _want_digest(pref: str) -> str:
     )
 
 
-def _pick_digest(header: str | None, pref: str) -> tuple[str, str] | None:
+def pick_digest(header: str | None, pref: str) -> tuple[str, str] | None:
     if not header:
         return None
     values = from_digest_header(header)
@@ -798,7 +817,7 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _auth(self, ns: NamespaceInfo | None, *, write: bool = False) -> dict[str, str]:
+    def auth_headers(self, ns: NamespaceInfo | None, *, write: bool = False) -> dict[str, str]:
         if self.token is None:
             return {}
         if write or ns is None or ns.require_token:
@@ -889,16 +908,26 @@ class Client:
                 status=e.status,
             ) from None
 
+    def fixed_sources(self, remote: Remote) -> list[Source] | None:
+        """The sources of an object when no director needs asking (a direct URL,
+        `--origin` alone, `--cache`), best first; None when the director decides."""
+        if remote.direct:
+            return [Source(remote.url(), "direct")]
+        if self.opts.origin and not self.opts.caches and not self.opts.director:
+            if remote.scheme != "pelican":
+                return [Source(join_url(self.opts.origin, remote.path), "origin")]
+        if self.opts.caches:
+            return [Source(join_url(c, remote.path), "cache") for c in self.opts.caches]
+        return None
+
     async def sources(
         self, remote: Remote
     ) -> tuple[list[Source], NamespaceInfo | None, Callable[[], Awaitable[list[Source]]] | None]:
-        if remote.direct:
-            return [Source(remote.url(), "direct")], None, None
-        if self.opts.origin and not self.opts.caches and not self.opts.director:
-            if remote.scheme != "pelican":
-                return [Source(join_url(self.opts.origin, remote.path), "origin")], None, None
-        if self.opts.caches:
-            forced = [Source(join_url(c, remote.path), "cache") for c in self.opts.caches]
+        fixed = self.fixed_sources(remote)
+        if fixed and fixed[0].kind != "cache":
+            return fixed, None, None
+        if fixed:
+            forced = fixed
             origin_url = self.opts.origin
 
             async def forced_origin() -> list[Source]:
@@ -1086,9 +1115,9 @@ class Client:
         obj = part.source
         opts = self.opts
         last = end if end is not None else start + int(opts.chunk_size) - 1
-        headers = {"Range": f"bytes={start}-{last}", **self._auth(ns)}
+        headers = {"Range": f"bytes={start}-{last}", **self.auth_headers(ns)}
         if first and opts.checksum != "none" and part.digest is None:
-            headers["Want-Digest"] = _want_digest(opts.checksum)
+            headers["Want-Digest"] = want_digest(opts.checksum)
         if first and start > 0 and part.etag:
             headers["If-Range"] = part.etag
         session = await self.session()
@@ -1337,7 +1366,7 @@ class Client:
 
     def _note_meta(self, part: _Part, resp: aiohttp.ClientResponse, first: bool) -> None:
         if part.digest is None:
-            part.digest = _pick_digest(resp.headers.get("Digest"), self.opts.checksum)
+            part.digest = pick_digest(resp.headers.get("Digest"), self.opts.checksum)
         if first:
             etag = resp.headers.get("ETag")
             if part.etag and etag and etag != part.etag and part.done.total():
@@ -1389,13 +1418,13 @@ class Client:
         except StashError:
             return None
         session = await self.session()
-        headers = {"Want-Digest": _want_digest(self.opts.checksum), **self._auth(ns)}
+        headers = {"Want-Digest": want_digest(self.opts.checksum), **self.auth_headers(ns)}
         try:
             async with asyncio.timeout(self.opts.header_timeout):
                 async with session.head(src.url, headers=headers) as resp:
                     if resp.status >= 300:
                         return None
-                    return _pick_digest(resp.headers.get("Digest"), self.opts.checksum)
+                    return pick_digest(resp.headers.get("Digest"), self.opts.checksum)
         except (aiohttp.ClientError, TimeoutError, OSError):
             return None
 
@@ -1413,7 +1442,7 @@ class Client:
             src = await picker.current()
             try:
                 async with asyncio.timeout(self.opts.header_timeout):
-                    async with session.head(src.url, headers=self._auth(ns)) as resp:
+                    async with session.head(src.url, headers=self.auth_headers(ns)) as resp:
                         if resp.status >= 300:
                             raise _status_error(
                                 obj, src.server, resp.status, f"HTTP {resp.status}", resp.headers
@@ -1443,7 +1472,7 @@ class Client:
         while len(buf) < end - start:
             src = await picker.current()
             first = start + len(buf)
-            headers = {"Range": f"bytes={first}-{end - 1}", **self._auth(ns)}
+            headers = {"Range": f"bytes={first}-{end - 1}", **self.auth_headers(ns)}
             try:
                 async with asyncio.timeout(self.opts.header_timeout) as cm:
                     async with session.get(src.url, headers=headers) as resp:
@@ -1525,7 +1554,7 @@ class Client:
         obj = remote.url()
         url, ns = await self._listing_url(remote)
         session = await self.session()
-        headers = {"Depth": str(depth), "Content-Type": "application/xml", **self._auth(ns)}
+        headers = {"Depth": str(depth), "Content-Type": "application/xml", **self.auth_headers(ns)}
         body = (
             b'<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop>'
             b"<D:resourcetype/><D:getcontentlength/><D:getlastmodified/></D:prop></D:propfind>"
@@ -1665,7 +1694,7 @@ class Client:
                 headers = {
                     "Content-Length": str(size),
                     "Content-Type": "application/octet-stream",
-                    **self._auth(None, write=True),
+                    **self.auth_headers(None, write=True),
                 }
                 if digest is not None:
                     headers["Digest"] = to_digest_header(algo, digest)
@@ -1727,7 +1756,8 @@ class Client:
         url = (await self._upload_targets(remote))[0]
         session = await self.session()
         try:
-            async with session.request("MKCOL", url, headers=self._auth(None, write=True)) as resp:
+            headers = self.auth_headers(None, write=True)
+            async with session.request("MKCOL", url, headers=headers) as resp:
                 if resp.status in (401, 403):
                     cause = await _error_cause(resp)
                     raise _status_error(
