@@ -6,16 +6,24 @@ Each backend gets its native operation where it has one (rename(2), XRootD mv/mk
 otherwise MOVE falls back to copy-then-delete through the Storage interface, which keeps
 the destination atomic (Storage.write is) but is not atomic as a whole: for an instant
 both names exist. Directory operations without a native equivalent raise Unsupported.
+
+A move that must not replace its target (the client may only create, or sent
+`Overwrite: F`) refuses a taken name at the commit itself, as uploads do
+(Storage.create): posix links the object to its new name (link(2) fails with EEXIST
+atomically, where rename(2) would replace) and then removes the old name; the other
+backends look for the target right before the commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from typing import Any
 
 from stashflow.integration.storage import (
+    AlreadyExists,
     NotFound,
     PermissionDenied,
     Storage,
@@ -148,15 +156,55 @@ async def remove_collection(storage: Storage, rel: str) -> None:
     raise Unsupported(url, f"the {storage.scheme} backend cannot remove directories")
 
 
-async def move(storage: Storage, source: str, target: str) -> None:
-    """Rename `source` to `target` within one storage, replacing `target`."""
+def _rename_new(src: str, dst: str, url: str) -> None:
+    """Rename `src` to `dst` unless `dst` is taken (AlreadyExists; `src` untouched).
+
+    An object is linked to its new name first: link(2) fails with EEXIST atomically
+    even when the name was taken a moment ago (rename(2) would silently replace it);
+    the old name is removed afterwards. A directory cannot be linked, and some
+    filesystems have no hard links: there the name is checked right before rename(2),
+    which leaves only that instant open (and rename(2) of a directory cannot replace
+    a file or a non-empty directory anyway)."""
+    if not os.path.isdir(src) or os.path.islink(src):
+        try:
+            # follow_symlinks=False: a symlink is moved as itself, as rename(2) does
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise AlreadyExists(url, "already exists") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+        else:
+            try:
+                os.unlink(src)
+            except FileNotFoundError:
+                pass  # someone else removed or renamed the old name meanwhile
+            except OSError:
+                # a move that cannot finish must not leave a second name behind
+                with contextlib.suppress(OSError):
+                    os.unlink(dst)
+                raise
+            return
+    if os.path.lexists(dst):
+        raise AlreadyExists(url, "already exists")
+    os.rename(src, dst)
+
+
+async def move(storage: Storage, source: str, target: str, *, replace: bool = True) -> None:
+    """Rename `source` to `target` within one storage, replacing `target` when
+    `replace`; otherwise raise AlreadyExists, leaving `source` as it was, when `target`
+    exists at the moment of the rename (see the module docstring for how exactly)."""
     url = storage.url_of(source)
+    target_url = storage.url_of(target)
     if isinstance(storage, PosixStorage):
         src, dst = _posix_path(storage, source), _posix_path(storage, target)
 
         def rename() -> None:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(src, dst)  # atomic: readers of `target` see old or new, never half
+            if replace:
+                os.replace(src, dst)  # atomic: readers of `target` see old or new, never half
+            else:
+                _rename_new(src, dst, target_url)
 
         try:
             await asyncio.to_thread(rename)
@@ -167,6 +215,8 @@ async def move(storage: Storage, source: str, target: str) -> None:
         return
     root = _root_parts(storage)
     if root is not None:
+        if not replace:
+            await _refuse_taken(storage, target)
         base = root[1]
         await _xrootd(root, storage, source, "mv", f"{base}/{source}", f"{base}/{target}")
         return
@@ -174,11 +224,23 @@ async def move(storage: Storage, source: str, target: str) -> None:
     if info.is_dir:
         raise Unsupported(url, f"the {storage.scheme} backend cannot rename directories")
     # Copy then delete: the destination appears whole (write is atomic); if the delete
-    # fails the source stays behind, which loses nothing.
-    await storage.write(target, storage.stream(source))
+    # fails the source stays behind, which loses nothing. Without `replace` the copy is
+    # committed by Storage.create, which checks for the target after the last byte.
+    if replace:
+        await storage.write(target, storage.stream(source))
+    else:
+        await storage.create(target, storage.stream(source))
     try:
         await storage.delete(source)
     except NotFound:
         pass
     except PermissionDenied as e:
         raise StorageError(url, f"copied to {target} but could not remove it: {e.reason}") from e
+
+
+async def _refuse_taken(storage: Storage, target: str) -> None:
+    try:
+        await storage.stat(target)
+    except NotFound:
+        return
+    raise AlreadyExists(storage.url_of(target), "already exists")

@@ -126,7 +126,8 @@ def serve(
     PROPFIND (Depth 0 or 1), PUT (atomic; a Digest header is verified), DELETE, MKCOL
     and MOVE. Reads of public exports need no token; everything else needs a bearer
     token whose scope covers the path: storage.read for reads, storage.create for new
-    objects, storage.modify to overwrite, delete or rename.
+    objects and renames onto a free name, storage.modify to overwrite, delete or rename
+    onto an existing name.
     """
     from stashflow.cache.origin.server import OriginConfig, build_exports
     from stashflow.cache.origin.server import serve as run

@@ -601,8 +601,20 @@ class Origin:
             return error(403, "MOVE source and destination are the same", path=target.key)
         if not target.rel or not dest.rel:
             return error(403, "an export root cannot be moved or replaced", path=target.key)
+        # RFC 4918 section 10.6: Overwrite is "T" or "F", and absent means "T". Anything
+        # else is refused rather than guessed: "Overwrite: false" taken as T would
+        # replace exactly what its sender meant to keep.
+        flag = request.headers.get("Overwrite", "T").strip().upper()
+        if flag not in ("T", "F"):
+            return error(
+                400, f"the Overwrite header must be T or F, not {flag[:20]!r}", path=target.key
+            )
+        overwrite = flag == "T"
         token = await self.authenticate(request, target)
         # Scope checks before any stat: a token without rights here learns nothing.
+        # Renaming with storage.create alone is what the WLCG profile allows ("renaming
+        # files if the destination file does not already exist"): the source needs
+        # create or modify, the destination at least create.
         if not token.allows("modify", target.key):
             token.require("create", target.key)
         token.require("create", dest.key)
@@ -610,12 +622,29 @@ class Origin:
             return error(404, f"{target.key} not found", path=target.key)
         replaced = await self._exists(dest)
         if replaced is not None:
-            if request.headers.get("Overwrite", "T").strip().upper() == "F":
+            if not overwrite:
                 return error(412, f"{dest.key} exists and Overwrite is F", path=dest.key)
-            token.require("modify", dest.key)
-        if not token.allows("modify", target.key) and replaced is not None:
+            token.require("modify", dest.key)  # replacing is a modification
             token.require("modify", target.key)  # create-only renames must not replace
-        await backend.move(target.export.storage, target.rel, dest.rel)
+        # The check above is not the end of it: the destination may be created between
+        # it and the rename (or, on backends that copy, during a long copy). Unless the
+        # request may replace, the rename itself refuses a taken name and the source
+        # stays as it was, as PUT commits with Storage.create for the same reason.
+        may_replace = (
+            overwrite and token.allows("modify", dest.key) and token.allows("modify", target.key)
+        )
+        try:
+            await backend.move(target.export.storage, target.rel, dest.rel, replace=may_replace)
+        except AlreadyExists:
+            if not overwrite:
+                return error(412, f"{dest.key} exists and Overwrite is F", path=dest.key)
+            return error(
+                403,
+                f"{dest.key} was created by someone else during this MOVE and replacing it "
+                f"needs storage.modify - {target.key} was not moved",
+                path=dest.key,
+                reason="exists",
+            )
         log.info("moved %s to %s", target.key, dest.key)
         return web.Response(status=204 if replaced is not None else 201)
 

@@ -10,6 +10,7 @@ import email.policy
 import hashlib
 import random
 import socket
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -24,6 +25,7 @@ from stashflow.integration.checksums import from_digest_header, to_digest_header
 from stashflow.integration.servers.seaweedfs import SeaweedFS
 from stashflow.integration.servers.xrootd import XRootDServer
 from stashflow.integration.storage import open_storage
+from tests.cache.harness import Response
 from tests.origin.harness import AUDIENCE, Issuer, OriginProcess, curl, curl_status
 
 BUCKET = "stashflow-origin"
@@ -208,6 +210,58 @@ def test_mkcol_move_delete(site: Site, backend: Backend) -> None:
     assert backend.raw_names(directory) == []
     assert call("DELETE", base, token=token).status == 204
     assert call("PROPFIND", base + "/", headers={"Depth": "0"}).status == 404
+
+
+@pytest.mark.parametrize(
+    ("scope", "headers", "status"),
+    [
+        ("storage.create", {}, 403),  # may not replace: refused as PUT refuses, 403
+        ("storage.modify", {"Overwrite": "F"}, 412),  # may, but was asked not to
+    ],
+)
+def test_move_does_not_replace_a_target_created_during_the_copy(
+    site: Site, scope: str, headers: dict[str, str], status: int
+) -> None:
+    """On S3 a MOVE copies the object through the origin and then deletes the source.
+    The destination was free when the MOVE started; another client creating it while
+    the copy runs must not have its object replaced by a MOVE that may not replace,
+    and the source must stay."""
+    backend = site.backends["s3"]
+    directory = f"mvrace-{uuid.uuid4().hex[:8]}"
+    base = f"{backend.prefix}/{directory}"
+    mover = site.issuer.token(f"{scope}:{base}")
+    other = site.issuer.token(f"storage.create:{base}")
+    data = _payload(48 << 20, seed=14)
+    assert site.origin.call("PUT", f"{base}/src.bin", token=mover, data=data).status == 201
+
+    answer: dict[str, Response] = {}
+
+    def move() -> None:
+        answer["move"] = site.origin.call(
+            "MOVE",
+            f"{base}/src.bin",
+            token=mover,
+            headers={"Destination": f"{base}/dst.bin", **headers},
+        )
+
+    thread = threading.Thread(target=move)
+    thread.start()
+    try:
+        # the copy to dst.bin is under way once its multipart upload exists
+        copying = _wait_for(lambda: any("multipart" in n for n in backend.raw_names(directory)))
+        theirs = site.origin.call("PUT", f"{base}/dst.bin", token=other, data=b"theirs")
+    finally:
+        thread.join(timeout=120)
+    assert copying, "the MOVE never started copying"
+    assert theirs.status == 201, "the MOVE finished before the other client's PUT"
+    moved = answer["move"]
+    assert moved.status == status, moved.body
+    if status == 403:
+        assert moved.json()["reason"] == "exists" and "storage.modify" in moved.json()["error"]
+    assert site.origin.call("GET", f"{base}/dst.bin").body == b"theirs"
+    source = site.origin.call("GET", f"{base}/src.bin")
+    assert source.status == 200 and source.body == data
+    assert backend.raw_names(directory) == ["dst.bin", "src.bin"]
 
 
 def test_http_storage_adapter_writes_through_the_origin(site: Site, backend: Backend) -> None:

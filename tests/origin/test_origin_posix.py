@@ -601,6 +601,82 @@ def test_create_scope_may_rename_onto_a_new_name_only(site: Site) -> None:
     assert (site.prot / "ren/b").read_bytes() == b"b"
 
 
+def test_moves_that_may_not_replace_refuse_a_taken_name_at_the_rename(site: Site) -> None:
+    """Without the right to replace (create-only token, or Overwrite: F), the rename
+    itself must refuse a taken destination, not only the existence check before it:
+    that check can miss the name (it may be created just after it; here, a dangling
+    symlink that stat(2) does not see). PUT already commits this way (link(2))."""
+    (site.prot / "taken").mkdir()
+    create = site.issuer.token("storage.create:/prot/taken", "storage.read:/prot/taken")
+    modify = site.issuer.token("storage.modify:/prot/taken", "storage.read:/prot/taken")
+    call = site.origin.call
+    _write(site.prot, "taken/src", b"source data")
+    link = site.prot / "taken/dst"
+    link.symlink_to("elsewhere")  # the name is taken, by an entry stat(2) cannot see
+    assert call("GET", "/prot/taken/dst", token=create).status == 404
+
+    def intact() -> None:
+        assert (site.prot / "taken/src").read_bytes() == b"source data"
+        assert link.is_symlink() and os.readlink(link) == "elsewhere"
+
+    # PUT with storage.create only: refused at the commit
+    r = call("PUT", "/prot/taken/dst", token=create, data=b"new")
+    assert r.status == 403 and r.json()["reason"] == "exists"
+    intact()
+    # MOVE with storage.create only: 403 as for PUT, the source left as it was
+    r = call("MOVE", "/prot/taken/src", token=create, headers={"Destination": "/prot/taken/dst"})
+    assert r.status == 403, r.body
+    assert r.json()["reason"] == "exists" and "storage.modify" in r.json()["error"]
+    intact()
+    # storage.modify with Overwrite: F: the precondition fails (412), nothing moves
+    keep = {"Destination": "/prot/taken/dst", "Overwrite": "F"}
+    assert call("MOVE", "/prot/taken/src", token=modify, headers=keep).status == 412
+    intact()
+    # COPY is not a method of this origin: it cannot be a way around either
+    r = call("COPY", "/prot/taken/src", token=modify, headers={"Destination": "/prot/taken/dst"})
+    assert r.status == 405 and "COPY" not in r.headers["allow"]
+    intact()
+    # storage.modify, Overwrite absent (T): replacing is allowed
+    r = call("MOVE", "/prot/taken/src", token=modify, headers={"Destination": "/prot/taken/dst"})
+    assert r.status == 201
+    assert not link.is_symlink() and link.read_bytes() == b"source data"
+    assert not (site.prot / "taken/src").exists()
+    # and a create-only rename onto a free name still works (the https adapter's commit)
+    r = call("MOVE", "/prot/taken/dst", token=create, headers={"Destination": "/prot/taken/n"})
+    assert r.status == 201
+    assert leftovers(site.prot / "taken") == ["n"]
+    assert (site.prot / "taken/n").read_bytes() == b"source data"
+    # directories cannot be linked: renamed after a last look at the name
+    _write(site.prot, "taken/d1/f", b"f")
+    (site.prot / "taken/d2").mkdir()
+    r = call("MOVE", "/prot/taken/d1", token=create, headers={"Destination": "/prot/taken/d2"})
+    assert r.status == 403
+    r = call("MOVE", "/prot/taken/d1", token=create, headers={"Destination": "/prot/taken/d3"})
+    assert r.status == 201
+    assert leftovers(site.prot / "taken") == ["d3/f", "n"]
+
+
+def test_overwrite_header_is_t_or_f(site: Site) -> None:
+    """RFC 4918 section 10.6: Overwrite is T or F, absent means T. Any other value is
+    refused with 400: "Overwrite: false" must not be read as T and replace the target."""
+    token = site.issuer.token("storage.modify:/prot/ow", "storage.read:/prot/ow")
+    call = site.origin.call
+    _write(site.prot, "ow/a", b"a")
+    _write(site.prot, "ow/b", b"b")
+    for value in ("false", "0", "no", "TF", ""):
+        headers = {"Destination": "/prot/ow/b", "Overwrite": value}
+        r = call("MOVE", "/prot/ow/a", token=token, headers=headers)
+        assert r.status == 400 and "Overwrite" in r.json()["error"], (value, r.status)
+        assert (site.prot / "ow/a").read_bytes() == b"a"
+        assert (site.prot / "ow/b").read_bytes() == b"b"
+    lower_f = {"Destination": "/prot/ow/b", "Overwrite": "f"}
+    assert call("MOVE", "/prot/ow/a", token=token, headers=lower_f).status == 412
+    lower_t = {"Destination": "/prot/ow/b", "Overwrite": " t "}
+    assert call("MOVE", "/prot/ow/a", token=token, headers=lower_t).status == 204
+    assert (site.prot / "ow/b").read_bytes() == b"a"
+    assert leftovers(site.prot / "ow") == ["b"]
+
+
 def test_http_storage_adapter_as_a_client(site: Site) -> None:
     """The project's own https/WebDAV adapter (temp name + MOVE) against the origin."""
     token = site.issuer.token("storage.create:/prot/adapter", "storage.read:/prot/adapter")
