@@ -841,6 +841,9 @@ def _set_state(session: Session, rule: Rule, value: Any, cancel: bool) -> None:
     else:
         if rule.state == RuleState.SUSPENDED:
             rule.state = RuleState.REPLICATING
+            # A rule taken up again gets its two weeks again, as a rule set STUCK does
+            # (otherwise the repairer would suspend it again at once).
+            rule.stuck_at = None
         _refresh_state(session, rule, recheck=True)
 
 
@@ -900,9 +903,9 @@ def _set_child(session: Session, rule: Rule, child_id: Any) -> None:
 
 def _boost(session: Session, rule: Rule) -> None:
     """Rucio's boost_rule: date the rule and its stuck locks back so that a repairer,
-    which waits after a rule's last update, takes it on its next round. Kept for
-    compatibility: our repairer does not wait (it takes STUCK rules by stuck_at), so only
-    the times change."""
+    which waits after a rule's last update, takes it on its next round. Our repairer does
+    not wait, but it takes the least recently updated STUCK rules first, so a boosted rule
+    comes before those updated since."""
     # Rucio subtracts a day from each time; a common "a day ago" is what the repairer
     # sees the same way, and needs no date arithmetic in SQL (SQLite has none for it).
     then = utcnow() - BOOST
@@ -1336,6 +1339,9 @@ def shrink_for_detach(session: Session, parent: DID, children: list[DID]) -> Non
 # Rules taken per repairer pass, as Rucio's repairer fetches 100 at a time: a pass stays
 # short however many rules are stuck, and the next pass takes the next ones.
 REPAIR_BATCH = 100
+# How long a rule may stay STUCK (from `stuck_at`, which retries do not move) before the
+# repairer gives up and SUSPENDs it instead of trying again, as Rucio's does.
+SUSPEND_AFTER = timedelta(days=14)
 
 
 @dataclass
@@ -1350,6 +1356,8 @@ class Repair:
     now_ok: int = 0
     requeued: int = 0
     error: str | None = None
+    # Set when the repair SUSPENDED the rule: since when it had been STUCK.
+    stuck_since: datetime | None = None
 
     @property
     def changed(self) -> bool:
@@ -1357,6 +1365,11 @@ class Repair:
 
     def __str__(self) -> str:
         ok, replicating, stuck = self.counts
+        if self.stuck_since is not None:
+            return (f"rule {self.rule_id} {self.state.value}[{ok}/{replicating}/{stuck}]: "
+                    f"STUCK since {self.stuck_since:%Y-%m-%d %H:%M:%S} UTC, more than "
+                    f"{SUSPEND_AFTER.days} days; not repaired any more"
+                    + ("" if self.error is None else f" (last error: {self.error})"))
         text = (f"rule {self.rule_id} {self.state.value}[{ok}/{replicating}/{stuck}]: "
                 f"{self.placed} lock(s) placed, {self.moved} stuck lock(s) moved, "
                 f"{self.now_ok} found OK, {self.requeued} transfer(s) re-queued")
@@ -1364,19 +1377,24 @@ class Repair:
 
 
 def stuck_rules(session: Session, limit: int = REPAIR_BATCH) -> list[str]:
-    """The STUCK rules the repairer takes next: the longest stuck first. A rule it cannot
-    repair gets a new `stuck_at`, so it goes to the back and the others get their turn.
-    SUSPENDED rules are not STUCK, so they are never taken (as in Rucio)."""
+    """The STUCK rules the repairer takes next: the least recently updated first, as in
+    Rucio. A repair updates the rule, so one it cannot repair goes to the back and the
+    others get their turn (`stuck_at` stays: it dates the start of the trouble, see
+    SUSPEND_AFTER). SUSPENDED rules are not STUCK, so they are never taken (as in
+    Rucio)."""
     return list(session.scalars(
         select(Rule.id).where(Rule.state == RuleState.STUCK)
-        .order_by(Rule.stuck_at.asc().nulls_first(), Rule.id).limit(limit)))
+        .order_by(Rule.updated_at, Rule.id).limit(limit)))
 
 
 def repair_rule(session: Session, rule_id: str) -> Repair | None:
     """Rucio's repair_rule, in spirit: place the files the rule could not place, move
     its STUCK locks to another qualifying RSE of its expression (or retry the transfer
-    where they are), then recount and re-evaluate the rule. Returns None when the rule is
-    not STUCK any more or another transaction holds it (it is taken on a later pass)."""
+    where they are), then recount and re-evaluate the rule. A rule STUCK for more than
+    SUSPEND_AFTER is SUSPENDED instead, untouched otherwise (locks, counters and `error`
+    stay as they are), as Rucio's repair_rule does before any other work. Returns None
+    when the rule is not STUCK any more or another transaction holds it (it is taken on a
+    later pass)."""
     # Only the rule's row is locked first, as attachments, detachments and replica state
     # changes lock rules before the locks, replicas, requests and usage they then change:
     # whoever holds the rule works alone on it, in the same order. SKIP LOCKED: a rule
@@ -1387,6 +1405,15 @@ def repair_rule(session: Session, rule_id: str) -> Repair | None:
         .execution_options(populate_existing=True))
     if rule is None:
         return None
+    now = utcnow()
+    if rule.stuck_at is None:
+        rule.stuck_at = now
+    if rule.stuck_at < now - SUSPEND_AFTER:
+        rule.state = RuleState.SUSPENDED
+        rule.updated_at = now
+        return Repair(rule.id, rule.state, (rule.locks_ok_cnt, rule.locks_replicating_cnt,
+                                            rule.locks_stuck_cnt),
+                      error=rule.error, stuck_since=rule.stuck_at)
     _recount(session, rule)
     before = rule.locks_ok_cnt + rule.locks_replicating_cnt + rule.locks_stuck_cnt
     errors: list[str] = []
@@ -1404,8 +1431,8 @@ def repair_rule(session: Session, rule_id: str) -> Repair | None:
     _refresh_state(session, rule, recheck=True)
     now = utcnow()
     if rule.state == RuleState.STUCK:
-        # To the back of the queue (stuck_rules): the others get their turn first.
-        rule.stuck_at = now
+        # `stuck_at` stays (_refresh_state keeps it while the rule is STUCK): a retry is
+        # no progress. The new updated_at sends the rule to the back of the queue.
         if errors:
             rule.error = _error_text(errors[0])
         result.error = rule.error

@@ -1,20 +1,23 @@
 """The judge-repairer on SQLite and PostgreSQL: files a rule could not place are placed
 once they fit, stuck locks move to another RSE of the expression (or are retried where
-they are), and a rule that cannot be repaired stays STUCK and goes to the back of the
-queue. Account usage equals the locks throughout."""
+they are), a rule that cannot be repaired stays STUCK and goes to the back of the
+queue, and one STUCK for more than two weeks is SUSPENDED instead of retried. Account
+usage equals the locks throughout."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from stashflow.placement import dids, quota, replicas, rses, rules
+from stashflow.placement import clock, dids, quota, replicas, rses, rules
 from stashflow.placement.clock import utcnow
 from stashflow.placement.models import (
     DIDType,
     Lock,
+    LockState,
     Replica,
     ReplicaState,
     Request,
@@ -45,6 +48,11 @@ def get_rule(s: Session, rule_id: str) -> Rule:
     rule = s.get(Rule, rule_id)
     assert rule is not None
     return rule
+
+
+def later(monkeypatch: pytest.MonkeyPatch, **delta: float) -> None:
+    """Move the rules' clock (the catalog's utcnow) `delta` ahead of the real time."""
+    monkeypatch.setattr(rules, "utcnow", lambda: clock.utcnow() + timedelta(**delta))
 
 
 def test_files_refused_for_quota_are_placed_once_the_quota_allows(world: Factory) -> None:
@@ -132,11 +140,14 @@ def test_a_rule_that_cannot_be_repaired_stays_stuck_and_waits_its_turn(
         rules.update_rule(s, "root", suspended, {"state": "SUSPENDED"})
         other = add(s, "root", "test:f0", rse_expression="T2_Z")
         rules.update_rule(s, "root", other, {"state": "STUCK"})
+        # The queue: the least recently updated first, as in Rucio.
         long_ago = utcnow() - timedelta(hours=1)
-        get_rule(s, stuck).stuck_at = long_ago
-        get_rule(s, other).stuck_at = long_ago + timedelta(minutes=1)
+        get_rule(s, stuck).updated_at = long_ago
+        get_rule(s, other).updated_at = long_ago + timedelta(minutes=1)
     with world() as s:
         assert rules.stuck_rules(s) == [stuck, other]
+        since = get_rule(s, stuck).stuck_at
+        assert since is not None
         y = rse_id(s, "T2_Y")
         assert count(s, Request, Request.dest_rse_id == y) == 0
         assert count(s, Replica, Replica.rse_id == y,
@@ -150,7 +161,8 @@ def test_a_rule_that_cannot_be_repaired_stays_stuck_and_waits_its_turn(
     with world() as s:
         rule = get_rule(s, stuck)
         assert rule.state == RuleState.STUCK and rule.locks_stuck_cnt == 2
-        assert rule.stuck_at is not None and rule.stuck_at > long_ago + timedelta(minutes=1)
+        # A retry is no progress: stuck_at still says since when the rule is stuck.
+        assert rule.stuck_at == since
         assert rule.error is not None and "where the copy is stuck" in rule.error
         assert locks_of(s, stuck) == {"f4": {"T2_Y"}, "f5": {"T2_Y"}}
         # Its turn is over: the other rule comes first now.
@@ -201,3 +213,66 @@ def test_stuck_locks_on_replicas_that_arrived_are_ok(world: Factory) -> None:
         assert (rule.locks_ok_cnt, rule.locks_replicating_cnt, rule.locks_stuck_cnt) == (
             4, 0, 0)
         usage_matches_locks(s)
+
+
+def test_a_rule_stuck_for_two_weeks_is_suspended_instead_of_retried(
+        world: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in Rucio: the two weeks count from `stuck_at`, which failed repairs leave alone;
+    past them the repairer SUSPENDs the rule without touching anything else (its locks,
+    counters and error stay) and never takes it again."""
+    with world.begin() as s:
+        rule_id = add(s, "root", "test:ds2", rse_expression="T2_Y")
+        rules.update_rule(s, "root", rule_id, {"state": "STUCK", "cancel_requests": True})
+    with world() as s:
+        since = get_rule(s, rule_id).stuck_at
+        assert since is not None
+    # Thirteen days on, T2_Y is still the only RSE: the transfers are retried there.
+    later(monkeypatch, days=13)
+    [result] = repair_pass(world)
+    assert (result.state, result.requeued) == (RuleState.STUCK, 2)
+    with world() as s:
+        rule = get_rule(s, rule_id)
+        assert rule.stuck_at == since
+        error = rule.error
+        assert error is not None and "where the copy is stuck" in error
+    later(monkeypatch, days=14, minutes=1)
+    [result] = repair_pass(world)
+    assert (result.rule_id, result.state, result.stuck_since) == (
+        rule_id, RuleState.SUSPENDED, since)
+    assert (result.placed, result.moved, result.now_ok, result.requeued) == (0, 0, 0, 0)
+    assert result.changed and "not repaired any more" in str(result)
+    with world() as s:
+        rule = get_rule(s, rule_id)
+        assert rule.state == RuleState.SUSPENDED
+        assert (rule.stuck_at, rule.error) == (since, error)
+        assert (rule.locks_ok_cnt, rule.locks_replicating_cnt, rule.locks_stuck_cnt) == (
+            0, 0, 2)
+        # Not retried: the repair count is the first retry's.
+        assert set(s.execute(select(Lock.state, Lock.repair_cnt).where(
+            Lock.rule_id == rule_id))) == {(LockState.STUCK, 1)}
+        assert rules.stuck_rules(s) == []
+        usage_matches_locks(s)
+    assert repair_pass(world) == []
+    with world.begin() as s:
+        assert rules.repair_rule(s, rule_id) is None
+
+
+def test_a_rule_taken_up_again_after_suspension_gets_two_more_weeks(
+        world: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    with world.begin() as s:
+        rule_id = add(s, "root", "test:ds2", rse_expression="T2_Y")
+        rules.update_rule(s, "root", rule_id, {"state": "STUCK", "cancel_requests": True})
+    later(monkeypatch, days=15)
+    [result] = repair_pass(world)
+    assert result.state == RuleState.SUSPENDED
+    with world.begin() as s:
+        # Lifting the suspension re-evaluates the rule: still STUCK, stuck from now on.
+        rules.update_rule(s, "root", rule_id, {"state": "REPLICATING"})
+    with world() as s:
+        rule = get_rule(s, rule_id)
+        assert rule.state == RuleState.STUCK
+        assert rule.stuck_at is not None
+        assert rule.stuck_at > clock.utcnow() + timedelta(days=14)
+    # So the repairer retries it instead of suspending it again.
+    [result] = repair_pass(world)
+    assert (result.rule_id, result.state, result.requeued) == (rule_id, RuleState.STUCK, 2)
