@@ -4,18 +4,19 @@ A job's files usually come from one cache, most of them small. For those, stashc
 per-file cost in Python (aiohttp's request machinery, the failover and resume
 bookkeeping) weighed more than the transfer: a first pass here fetches every object
 whose first source is known without asking anyone (`--cache`, `--origin`, a direct
-URL), on a few threads, each driving its own libcurl multi handle with the GIL released
-while libcurl waits, receives and parses. Only the bytes are handed to Python, to be
-written and checksummed.
+URL), or through the one redirect of a configured director to its best cache when no
+token is held (a redirect followed blindly must not carry one). A few threads each
+drive their own libcurl multi handle, the GIL released while libcurl waits, receives
+and parses; only the bytes are handed to Python, to be written and checksummed.
 
 The pass does the easy case and nothing else: one GET per object from its first
 source, into the same hidden part file the transfer engine uses, renamed into place
 only when the status is 200, the size is the announced Content-Length and the checksum
-is the one in the `Digest` header. Anything else (a redirect, an error status, a
-refused connection, a stall, a mismatch, a part file with a resume record, an object
-without Content-Length or Digest) leaves nothing behind and hands the object back:
-the caller runs it through the transfer engine, which fails over, resumes, retries
-and reports the error as it always does.
+is the one in the `Digest` header. Anything else (a redirect other than the director's,
+an error status, a refused connection, a stall, a mismatch, a part file with a resume
+record, an object without Content-Length or Digest, one over a chunk) leaves nothing
+behind and hands the object back: the caller runs it through the transfer engine,
+which fails over, resumes, retries and reports the error as it always does.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Job:
     url: str  # where to GET it
     dest: Path
     headers: dict[str, str] = field(default_factory=dict)  # the token, when it is sent
+    follow_redirect: bool = False  # `url` is the director's: follow its one redirect
 
 
 def usable(opts: Options) -> bool:
@@ -178,7 +180,8 @@ def _run(
         c = pycurl.Curl()
         c.setopt(pycurl.NOSIGNAL, 1)
         c.setopt(pycurl.BUFFERSIZE, BUFFER)
-        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.MAXREDIRS, 1)
+        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         c.setopt(pycurl.USERAGENT, "stashcp (stashflow)")
         c.setopt(pycurl.CONNECTTIMEOUT_MS, int(opts.connect_timeout * 1000))
         c.setopt(pycurl.LOW_SPEED_LIMIT, max(1, int(opts.min_rate)))
@@ -204,6 +207,7 @@ def _run(
         headers = [want, "Accept-Encoding: identity"]
         headers += [f"{k}: {v}" for k, v in job.headers.items()]
         c.setopt(pycurl.URL, job.url)
+        c.setopt(pycurl.FOLLOWLOCATION, 1 if job.follow_redirect else 0)
         c.setopt(pycurl.HTTPHEADER, headers)
         c.setopt(pycurl.WRITEFUNCTION, d.write)
         c.setopt(pycurl.HEADERFUNCTION, d.header)

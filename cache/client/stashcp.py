@@ -321,20 +321,27 @@ async def _copy(args: argparse.Namespace, opts: Options, progress: Progress) -> 
 async def _fetch_whole(
     client: Client, plan: list[tuple[Remote, Path, int]], progress: Progress
 ) -> tuple[list[tuple[Remote, Path, int]], list[Result]]:
-    """The first pass over many downloads (cache/client/bulk.py): the objects whose
-    source needs no director, each in one GET through libcurl. Returns what is left for
-    the transfer engine and the results of what was fetched."""
+    """The first pass over many downloads (cache/client/bulk.py): each object in one GET
+    through libcurl, from its first source when no director needs asking, else through
+    the director's redirect to its best cache. Returns what is left for the transfer
+    engine and the results of what was fetched."""
     jobs: list[bulk.Job] = []
     planned: list[tuple[Remote, Path, int]] = []
     left: list[tuple[Remote, Path, int]] = []
     for remote, path, arg in plan:
         srcs = client.fixed_sources(remote)
-        if srcs and srcs[0].url.startswith(("http://", "https://")):
-            headers = client.auth_headers(None)
-            jobs.append(bulk.Job(remote.url(), srcs[0].url, path, headers))
-            planned.append((remote, path, arg))
+        if srcs:
+            job = bulk.Job(remote.url(), srcs[0].url, path, client.auth_headers(None))
+        elif (url := client.director_request(remote)) is not None:
+            job = bulk.Job(remote.url(), url, path, follow_redirect=True)
         else:
             left.append((remote, path, arg))
+            continue
+        if not job.url.startswith(("http://", "https://")):
+            left.append((remote, path, arg))
+            continue
+        jobs.append(job)
+        planned.append((remote, path, arg))
     fetched: list[Result] = []
 
     def done(index: int, result: Result) -> None:

@@ -829,9 +829,9 @@ class Client:
     async def director_url(self, remote: Remote) -> str:
         if remote.scheme == "pelican":
             return await self._discover(remote.host)
-        if self.opts.director:
-            d = self.opts.director.strip()
-            return (d if "://" in d else f"https://{d}").rstrip("/")
+        director = self._configured_director()
+        if director is not None:
+            return director
         if remote.scheme in ("osdf", "stash"):
             return await self._discover(OSDF_FEDERATION)
         raise UsageError(
@@ -839,6 +839,12 @@ class Client:
             "no director configured: use --director URL, STASHFLOW_DIRECTOR, "
             "a [client] director setting, or --cache URL",
         )
+
+    def _configured_director(self) -> str | None:
+        if not self.opts.director:
+            return None
+        d = self.opts.director.strip()
+        return (d if "://" in d else f"https://{d}").rstrip("/")
 
     async def _discover(self, host: str) -> str:
         if host in self._directors:
@@ -919,6 +925,16 @@ class Client:
         if self.opts.caches:
             return [Source(join_url(c, remote.path), "cache") for c in self.opts.caches]
         return None
+
+    def director_request(self, remote: Remote) -> str | None:
+        """The director URL of an object whose GET the director answers with a redirect
+        to its best cache, when that URL is known without asking anyone (a configured
+        director, no discovery) and no token is held: a redirect followed blindly must
+        not carry one."""
+        director = self._configured_director()
+        if self.token is not None or director is None or remote.scheme == "pelican":
+            return None
+        return join_url(director, remote.path)
 
     async def sources(
         self, remote: Remote

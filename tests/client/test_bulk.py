@@ -144,3 +144,4 @@ def test_stashcp_many_files_take_one_get_each(
     requests = access_log(a)[before:]
     assert sorted(e.get("path") for e in requests) == sorted(f"/ns/many/{n}" for n in names)
     assert {e.get("method") for e in requests} == {"GET"}
+    assert {e.get("range") for e in requests} == {None}  # the transfer engine's are ranged

@@ -97,6 +97,37 @@ def test_download_listing_and_upload_through_the_director(
     assert (federation.origin.data / "up" / "dir-upload.bin").read_bytes() == src.read_bytes()
 
 
+def test_many_files_through_the_director_take_one_get_each_at_its_cache(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Several objects with only a director: the first pass (cache/client/bulk.py)
+    follows the director's redirect for each, so every object is one whole GET at the
+    cache the director chose for it (the transfer engine's GETs are ranged and follow
+    HEAD probes), verified. Runs before the test that kills a cache."""
+    many = federation.origin.data / "many"
+    many.mkdir(exist_ok=True)
+    names = [f"m{i:02d}.dat" for i in range(20)]
+    for n in names:
+        (many / n).write_bytes(os.urandom(2000 + len(n) * 7))
+    before = {c.url: len(access_log(c)) for c in federation.caches}
+    r = stashcp("--json", *[f"stash:///ns/many/{n}" for n in names], str(tmp_path),
+                env={"STASHFLOW_DIRECTOR": federation.director})  # fmt: skip
+    assert r.code == EXIT_OK, r.stderr
+    for n in names:
+        assert (tmp_path / n).read_bytes() == (many / n).read_bytes()
+    served = sorted(
+        (c.url, e.get("method"), e.get("path"), e.get("range"))
+        for c in federation.caches
+        for e in access_log(c)[before[c.url]:]
+    )
+    fetched = sorted(
+        (t["servers"][0], "GET", f"/ns/many/{Path(t['dest']).name}", None)
+        for t in r.json()["transfers"]
+    )
+    assert served == fetched
+    assert all(t["checksum"].startswith("crc32c:") for t in r.json()["transfers"])
+
+
 def test_preferred_cache_killed_mid_download(federation: Federation, tmp_path: Path) -> None:
     """The director's first choice dies while serving a large file: the download
     completes from the other cache, byte-identical."""
