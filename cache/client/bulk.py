@@ -21,6 +21,7 @@ which fails over, resumes, retries and reports the error as it always does.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -32,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stashflow.cache.client.discovery import server_of
+from stashflow.cache.client.discovery import Remote, server_of
+from stashflow.cache.client.progress import Progress
 from stashflow.cache.client.transfer import (
     PART_SUFFIX,
+    Client,
     Options,
     Result,
     pick_digest,
@@ -66,6 +69,38 @@ def usable(opts: Options) -> bool:
     except ImportError:
         return False
     return True
+
+
+async def first_pass(
+    client: Client, items: list[tuple[Remote, Path]], progress: Progress | None = None
+) -> dict[int, Result]:
+    """Fetch what this pass can of `items` (object, destination file) for `client`'s
+    transfers; the Result of each fetched item by its index. The others are for
+    `client.download`."""
+    jobs: list[Job] = []
+    indexes: list[int] = []
+    for i, (remote, path) in enumerate(items):
+        sources = client.fixed_sources(remote)
+        if sources:
+            job = Job(remote.url(), sources[0].url, path, client.auth_headers(None))
+        elif (url := client.director_request(remote)) is not None:
+            job = Job(remote.url(), url, path, follow_redirect=True)
+        else:
+            continue
+        if job.url.startswith(("http://", "https://")):
+            jobs.append(job)
+            indexes.append(i)
+    fetched: dict[int, Result] = {}
+
+    def done(index: int, result: Result) -> None:
+        if progress is not None:
+            progress.add_total(result.size)
+            progress.add(result.size)
+            progress.file_done()
+        fetched[indexes[index]] = result
+
+    await asyncio.to_thread(fetch, jobs, client.opts, done)
+    return fetched
 
 
 def fetch(

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stashflow.cache.client.discovery import parse_remote
+from stashflow.cache.client import bulk
+from stashflow.cache.client.discovery import Remote, parse_remote
 from stashflow.cache.client.errors import (
     EXIT_OK,
     EXIT_USAGE,
@@ -371,8 +373,18 @@ async def _run(ads: list[dict[str, Any]], upload: bool, options: Options) -> lis
             jobs.append((url, local))
     sem = asyncio.Semaphore(options.parallel_files)
     async with Client(options) as client:
+        fetched: dict[int, Result] = {}
+        if not upload and len(jobs) > 1 and bulk.usable(options):
+            items: list[tuple[int, Remote, Path]] = []
+            for i, (url, local) in enumerate(jobs):
+                with contextlib.suppress(ValueError):  # reported by `one` below
+                    items.append((i, parse_remote(url), Path(local)))
+            first = await bulk.first_pass(client, [(r, p) for _, r, p in items])
+            fetched = {items[k][0]: result for k, result in first.items()}
 
-        async def one(url: str, local: str) -> dict[str, Any]:
+        async def one(i: int, url: str, local: str) -> dict[str, Any]:
+            if i in fetched:
+                return result_ad(url, local, fetched[i], upload)
             async with sem:
                 try:
                     remote = parse_remote(url)
@@ -386,7 +398,7 @@ async def _run(ads: list[dict[str, Any]], upload: bool, options: Options) -> lis
                         res = await client.download(remote, Path(local))
                 return result_ad(url, local, res, upload)
 
-        return list(await asyncio.gather(*(one(u, p) for u, p in jobs)))
+        return list(await asyncio.gather(*(one(i, u, p) for i, (u, p) in enumerate(jobs))))
 
 
 def run_plugin(infile: str, outfile: str, upload: bool, options: Options) -> int:

@@ -321,38 +321,13 @@ async def _copy(args: argparse.Namespace, opts: Options, progress: Progress) -> 
 async def _fetch_whole(
     client: Client, plan: list[tuple[Remote, Path, int]], progress: Progress
 ) -> tuple[list[tuple[Remote, Path, int]], list[Result]]:
-    """The first pass over many downloads (cache/client/bulk.py): each object in one GET
-    through libcurl, from its first source when no director needs asking, else through
-    the director's redirect to its best cache. Returns what is left for the transfer
-    engine and the results of what was fetched."""
-    jobs: list[bulk.Job] = []
-    planned: list[tuple[Remote, Path, int]] = []
-    left: list[tuple[Remote, Path, int]] = []
-    for remote, path, arg in plan:
-        srcs = client.fixed_sources(remote)
-        if srcs:
-            job = bulk.Job(remote.url(), srcs[0].url, path, client.auth_headers(None))
-        elif (url := client.director_request(remote)) is not None:
-            job = bulk.Job(remote.url(), url, path, follow_redirect=True)
-        else:
-            left.append((remote, path, arg))
-            continue
-        if not job.url.startswith(("http://", "https://")):
-            left.append((remote, path, arg))
-            continue
-        jobs.append(job)
-        planned.append((remote, path, arg))
-    fetched: list[Result] = []
-
-    def done(index: int, result: Result) -> None:
-        result.arg = planned[index][2]
-        progress.add_total(result.size)
-        progress.add(result.size)
-        progress.file_done()
-        fetched.append(result)
-
-    back = await asyncio.to_thread(bulk.fetch, jobs, client.opts, done)
-    return left + [planned[i] for i in back], fetched
+    """The libcurl first pass over the planned downloads: what is left for the
+    transfer engine, and the results of what it fetched."""
+    fetched = await bulk.first_pass(client, [(r, p) for r, p, _ in plan], progress)
+    for i, result in fetched.items():
+        result.arg = plan[i][2]
+    left = [item for i, item in enumerate(plan) if i not in fetched]
+    return left, list(fetched.values())
 
 
 async def _closest(args: argparse.Namespace, opts: Options) -> int:

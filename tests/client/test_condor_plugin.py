@@ -8,7 +8,7 @@ from pathlib import Path
 from stashflow.cache.client.condor import format_ad, get_attr, parse_ads
 from stashflow.cache.client.errors import EXIT_NOT_FOUND, EXIT_OK
 from tests.cache.harness import CacheProcess
-from tests.client.conftest import stashcp
+from tests.client.conftest import access_log, stashcp
 
 
 def test_capability_ad() -> None:
@@ -38,11 +38,15 @@ def test_three_files_one_missing(cache: CacheProcess, origin_dir: Path, tmp_path
     )
     outfile = tmp_path / "out.ad"
     outfile.write_bytes(b" " * 16384)  # pre-allocated: must not be truncated
+    before = len(access_log(cache))
     r = stashcp(
         "-infile", str(infile), "-outfile", str(outfile),
         env={"STASHFLOW_CLIENT_CACHES": cache.url},
     )  # fmt: skip
     assert r.code == EXIT_NOT_FOUND, r.stderr
+    # the found files came in the libcurl first pass: one whole GET each, no range
+    gets = [(e["path"], e.get("range")) for e in access_log(cache)[before:] if e["method"] == "GET"]
+    assert ("/ns/small.txt", None) in gets and ("/ns/medium.bin", None) in gets
     assert outfile.stat().st_size == 16384
     ads = parse_ads(outfile.read_text())
     assert len(ads) == 3
