@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from stashflow.cache.client import bulk
 from stashflow.cache.client.errors import EXIT_OK
 from stashflow.cache.client.transfer import PART_SUFFIX, Options, Result
 from tests.cache.harness import CacheProcess
-from tests.client.conftest import access_log, dead_url, stashcp
+from tests.client.conftest import access_log, dead_url, http_server, stashcp
 
 
 def _run(jobs: list[bulk.Job], opts: Options | None = None) -> tuple[dict[int, Result], list[int]]:
@@ -96,14 +95,8 @@ class _WrongDigest(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def wrong_digest_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WrongDigest)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(_WrongDigest) as url:
+        yield url
 
 
 def test_a_checksum_mismatch_is_handed_back(wrong_digest_server: str, tmp_path: Path) -> None:

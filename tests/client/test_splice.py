@@ -10,7 +10,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from stashflow.cache.client.errors import EXIT_OK, EXIT_PERMANENT
 from stashflow.cache.client.transfer import Client, Options
 from stashflow.integration.checksums import Hasher
 from tests.cache.harness import CacheProcess
-from tests.client.conftest import MiB, stashcp
+from tests.client.conftest import MiB, http_server, stashcp
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="os.splice is Linux-only")
 
@@ -241,15 +241,8 @@ class _BadCache(BaseHTTPRequestHandler):
 @contextmanager
 def bad_cache(data: bytes, mode: str) -> Iterator[str]:
     handler = type("Handler", (_BadCache,), {"data": data, "mode": mode})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(handler) as url:
+        yield url
 
 
 @pytest.mark.parametrize("mode", ["short", "stall"])
