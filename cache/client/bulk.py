@@ -99,7 +99,12 @@ async def first_pass(
             progress.file_done()
         fetched[indexes[index]] = result
 
-    await asyncio.to_thread(fetch, jobs, client.opts, done)
+    stop = threading.Event()
+    try:
+        await asyncio.to_thread(fetch, jobs, client.opts, done, stop=stop)
+    except asyncio.CancelledError:  # Ctrl-C: the threads must not carry on downloading
+        stop.set()
+        raise
     return fetched
 
 
@@ -108,9 +113,12 @@ def fetch(
     opts: Options,
     done: Callable[[int, Result], None],
     threads: int | None = None,
+    stop: threading.Event | None = None,
 ) -> list[int]:
     """Download every job it can; `done` gets the index and Result of each finished one
-    (from a worker thread). Returns the indexes of the jobs handed back to the caller."""
+    (from a worker thread). Returns the indexes of the jobs handed back to the caller.
+    Setting `stop` ends the pass within a fraction of a second: transfers under way are
+    dropped (their part files removed) and handed back, the others never started."""
     if not jobs:
         return []
     n_threads = max(1, min(threads or min(4, os.cpu_count() or 1), len(jobs)))
@@ -118,6 +126,7 @@ def fetch(
     queue = iter(enumerate(jobs))
     lock = threading.Lock()
     handed_back: list[int] = []
+    stop = stop or threading.Event()
 
     def take() -> tuple[int, Job] | None:
         with lock:
@@ -129,7 +138,9 @@ def fetch(
 
     workers = [
         threading.Thread(
-            target=_run, args=(opts, per_thread, take, give_back, done), name=f"stashcp-curl-{i}"
+            target=_run,
+            args=(opts, per_thread, take, give_back, done, stop),
+            name=f"stashcp-curl-{i}",
         )
         for i in range(n_threads)
     ]
@@ -201,6 +212,7 @@ def _run(
     take: Callable[[], tuple[int, Job] | None],
     give_back: Callable[[int], None],
     done: Callable[[int, Result], None],
+    stop: threading.Event,
 ) -> None:
     import pycurl
 
@@ -270,7 +282,7 @@ def _run(
 
     exhausted = False
     try:
-        while True:
+        while not stop.is_set():
             while idle and not exhausted:
                 nxt = take()
                 if nxt is None:
@@ -289,7 +301,7 @@ def _run(
             for c, _code, message in failed:
                 finish(c, message or "transfer failed")
             if not ok and not failed:
-                multi.select(1.0)
+                multi.select(0.2)
     finally:
         for c, d in list(running.values()):
             multi.remove_handle(c)

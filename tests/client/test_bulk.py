@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import http.server
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,37 @@ def test_stashcp_many_files_take_one_get_each(
     assert sorted(str(e.get("path")) for e in requests) == sorted(f"/ns/many/{n}" for n in names)
     assert {e.get("method") for e in requests} == {"GET"}
     assert {e.get("range") for e in requests} == {None}  # the transfer engine's are ranged
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 10)
+        self.wfile.flush()
+        time.sleep(20)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_stop_ends_the_pass_at_once_and_leaves_nothing(tmp_path: Path) -> None:
+    """What Ctrl-C does through `first_pass`: transfers under way are dropped."""
+    with http_server(_Stalling) as url:
+        jobs = [bulk.Job(f"/ns/{i}", f"{url}/ns/{i}", tmp_path / str(i)) for i in range(40)]
+        stop = threading.Event()
+        back: list[int] = []
+        worker = threading.Thread(
+            target=lambda: back.extend(bulk.fetch(jobs, Options(), lambda *_: None, 2, stop))
+        )
+        worker.start()
+        deadline = time.monotonic() + 10
+        while len(list(tmp_path.iterdir())) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)  # both threads' transfers are under way
+        assert len(list(tmp_path.iterdir())) == 16  # the part files of 2 x 8 transfers
+        stop.set()
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+    assert sorted(back) == list(range(16))  # the others were never started
+    assert list(tmp_path.iterdir()) == []
