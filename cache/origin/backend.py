@@ -1,6 +1,7 @@
-"""Namespace operations the Storage interface does not have (yet): create and remove a
-directory, rename. WebDAV needs them (MKCOL, DELETE of a collection, MOVE) and the
-HTTP storage adapter's atomic writes rely on MOVE.
+"""Operations the Storage interface does not have (yet): create and remove a directory,
+rename, and reading one version of an object. WebDAV needs the first three (MKCOL,
+DELETE of a collection, MOVE; the HTTP storage adapter's atomic writes rely on MOVE),
+GET the last (see `open_version`).
 
 Each backend gets its native operation where it has one (rename(2), XRootD mv/mkdir);
 otherwise MOVE falls back to copy-then-delete through the Storage interface, which keeps
@@ -20,17 +21,21 @@ import asyncio
 import contextlib
 import errno
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
+from stashflow.integration.checksums import ALGORITHMS, Hasher
 from stashflow.integration.storage import (
     AlreadyExists,
     NotFound,
+    ObjectInfo,
     PermissionDenied,
     Storage,
     StorageError,
     Unsupported,
 )
-from stashflow.integration.storage.posix import PosixStorage, map_os_error
+from stashflow.integration.storage.base import DEFAULT_CHUNK
+from stashflow.integration.storage.posix import OpenVersion, PosixStorage, map_os_error
 
 
 class Conflict(StorageError):
@@ -244,3 +249,63 @@ async def _refuse_taken(storage: Storage, target: str) -> None:
     except NotFound:
         return
     raise AlreadyExists(storage.url_of(target), "already exists")
+
+
+class Version:
+    """One version of an object, held for the length of a response: what GET and HEAD
+    say about it (ETag, Last-Modified, Content-Length, Digest) and the bytes they send
+    must describe the same representation (RFC 9110 sections 8.6, 8.8), also when the
+    name is replaced meanwhile by an atomic write, which is exactly what writers do.
+
+    This default knows the object only by name: `info` comes from a stat, and the reads
+    go to whatever the name holds by then. Backends with handles override it."""
+
+    def __init__(self, storage: Storage, rel: str, info: ObjectInfo) -> None:
+        self.storage = storage
+        self.rel = rel
+        self.info = info
+
+    def stream(
+        self, offset: int = 0, length: int | None = None, chunk_size: int = DEFAULT_CHUNK
+    ) -> AsyncIterator[bytes]:
+        return self.storage.stream(self.rel, offset, length, chunk_size)
+
+    async def checksum(self, algorithm: str) -> str:
+        return await self.storage.checksum(self.rel, algorithm)
+
+    def close(self) -> None:
+        """Release what the version holds (idempotent)."""
+
+
+class _OneFile(Version):
+    """A posix object read through one open descriptor (PosixStorage.open_version): a
+    rename(2) over the name (an atomic write replacing it) leaves this version intact."""
+
+    def __init__(self, storage: Storage, rel: str, opened: OpenVersion) -> None:
+        super().__init__(storage, rel, opened.info)
+        self._opened = opened
+
+    def stream(
+        self, offset: int = 0, length: int | None = None, chunk_size: int = DEFAULT_CHUNK
+    ) -> AsyncIterator[bytes]:
+        return self._opened.stream(offset, length, chunk_size)
+
+    async def checksum(self, algorithm: str) -> str:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
+        hasher = Hasher(algorithm)
+        async for chunk in self.stream():
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+    def close(self) -> None:
+        self._opened.close()
+
+
+async def open_version(storage: Storage, rel: str) -> Version:
+    """The current version of `rel` (NotFound etc. as Storage.stat raises them); the
+    caller must close() it. A directory comes back as a Version whose info.is_dir is
+    set, which has nothing to read."""
+    if isinstance(storage, PosixStorage):
+        return _OneFile(storage, rel, await storage.open_version(rel))
+    return Version(storage, rel, await storage.stat(rel))

@@ -52,8 +52,8 @@ from stashflow.integration.storage import (
     Unsupported,
     open_storage,
 )
+from stashflow.integration.storage.base import STALE_TEMP_AGE
 from stashflow.integration.storage.http import TEMP_MARKER
-from stashflow.integration.storage.posix import STALE_TEMP_AGE, PosixStorage
 from stashflow.integration.tokens import (
     Issuer,
     MissingToken,
@@ -290,15 +290,17 @@ class Origin:
             return ObjectInfo(path="", size=0, is_dir=True)
         return await target.export.storage.stat(target.rel)
 
-    async def _checksum(self, target: Target, info: ObjectInfo, etag: str, algo: str) -> str:
-        known = info.checksums.get(algo)
+    async def _checksum(
+        self, target: Target, version: backend.Version, etag: str, algo: str
+    ) -> str:
+        known = version.info.checksums.get(algo)
         if known:
             return known
         cache_key = (target.key, etag, algo)
         value = self._checksums.get(cache_key)
         if value is None:
             # Computing may mean reading the whole object: remember it per version.
-            value = await target.export.storage.checksum(target.rel, algo)
+            value = await version.checksum(algo)
             self._checksums[cache_key] = value
             if len(self._checksums) > 4096:
                 self._checksums.popitem(last=False)
@@ -308,11 +310,25 @@ class Origin:
 
     async def get(self, request: web.Request, target: Target) -> web.StreamResponse:
         await self.authorize_read(request, target)
-        info = await self._stat(target)
-        if info.is_dir:
-            return error(
-                400, f"{target.key} is a collection: list it with PROPFIND", path=target.key
-            )
+        if not target.rel:
+            return self._collection(target)
+        # Headers and body from one version: the object may be replaced while we answer.
+        version = await backend.open_version(target.export.storage, target.rel)
+        try:
+            if version.info.is_dir:
+                return self._collection(target)
+            return await self._get(request, target, version)
+        finally:
+            version.close()
+
+    @staticmethod
+    def _collection(target: Target) -> web.Response:
+        return error(400, f"{target.key} is a collection: list it with PROPFIND", path=target.key)
+
+    async def _get(
+        self, request: web.Request, target: Target, version: backend.Version
+    ) -> web.StreamResponse:
+        info = version.info
         etag = _etag(info)
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": CONTENT_TYPE}
         if info.mtime is not None:
@@ -336,7 +352,7 @@ class Origin:
         if want:
             for algo in parse_want_digest(want):
                 try:
-                    value = await self._checksum(target, info, etag, algo)
+                    value = await self._checksum(target, version, etag, algo)
                 except (StorageError, ValueError) as e:
                     log.warning("checksum %s of %s failed: %s", algo, target.key, e)
                     continue
@@ -359,12 +375,14 @@ class Origin:
         if request.method == "HEAD":
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
-        return await self._send(request, target, status, headers, length, spans, heads, tail)
+        return await self._send(request, target, version, status, headers, length, spans,
+                                heads, tail)  # fmt: skip
 
     async def _send(
         self,
         request: web.Request,
         target: Target,
+        version: backend.Version,
         status: int,
         headers: dict[str, str],
         length: int,
@@ -372,13 +390,12 @@ class Origin:
         heads: list[bytes],
         tail: bytes,
     ) -> web.StreamResponse:
-        storage = target.export.storage
 
         async def body() -> AsyncGenerator[bytes, None]:
             for i, (first, last) in enumerate(spans):
                 if heads:
                     yield heads[i]
-                async for chunk in storage.stream(target.rel, first, last - first + 1, CHUNK):
+                async for chunk in version.stream(first, last - first + 1, CHUNK):
                     yield chunk
             if tail:
                 yield tail
@@ -720,21 +737,31 @@ def build_exports(cfg: OriginConfig) -> list[Export]:
     return exports
 
 
+SWEEP_TIMEOUT = 20.0  # seconds per export
+
+
 async def sweep_stale_uploads(exports: list[Export], older_than: float) -> None:
-    """Remove the temp files of uploads that a crashed origin left in posix exports (a
-    kill -9 runs no cleanup, and nothing else would ever delete them)."""
+    """Remove what uploads of a crashed origin left (a kill -9 runs no cleanup, and
+    nothing else would ever delete it): temp files in posix exports, incomplete
+    multipart uploads in S3 exports. A failure is a warning, never a failed start."""
     for export in exports:
-        if not isinstance(export.storage, PosixStorage):
-            continue
         try:
-            removed = await export.storage.remove_stale_temps(older_than)
+            # a storage server that does not answer must not hold the start for long
+            async with asyncio.timeout(SWEEP_TIMEOUT):
+                removed = await export.storage.remove_stale_temps(older_than)
         except StorageError as e:
-            log.warning("cannot sweep stale upload temp files of %s: %s", export.prefix, e)
+            log.warning("cannot sweep stale uploads of %s: %s", export.prefix, e)
+            continue
+        except TimeoutError:
+            log.warning("cannot sweep stale uploads of %s: no answer within %gs; the next "
+                        "start tries again", export.prefix, SWEEP_TIMEOUT)
             continue
         if removed:
+            what = "multipart upload(s)" if export.storage.scheme == "s3" else "upload temp file(s)"
             log.info(
-                "removed %d stale upload temp file(s) older than %gs from %s: %s",
+                "removed %d stale %s older than %gs from %s: %s",
                 len(removed),
+                what,
                 older_than,
                 export.prefix,
                 ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""),
@@ -771,7 +798,7 @@ def make_app(cfg: OriginConfig) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    app.router.add_route("*", "/{path:.*}", origin, expect_handler=origin.expect)
+    app.router.add_route("*", "/{path:.*}", origin.__call__, expect_handler=origin.expect)
     return app
 
 

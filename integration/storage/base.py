@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 CHECKSUM_ALGORITHMS = ("adler32", "md5", "crc32c", "sha256")
 DEFAULT_CHUNK = 1 << 20
+# What an upload whose writer died (a crash or kill -9 runs no cleanup) leaves behind is
+# removed once untouched this long: a live upload keeps touching its leftovers (each
+# chunk or part it writes), and a younger one may belong to another process.
+STALE_TEMP_AGE = 3600.0
 
 
 class StorageError(Exception):
@@ -140,6 +144,14 @@ class Storage(abc.ABC):
             raise AlreadyExists(self.url_of(path), "already exists")
 
         return await self.write(path, then_check())
+
+    async def remove_stale_temps(self, older_than: float = STALE_TEMP_AGE) -> list[str]:
+        """Remove what uploads whose writer died (a crash or kill -9 runs no cleanup)
+        left behind and nothing has written for more than `older_than` seconds; return
+        what was removed as paths relative to the root (posix: the temp files; S3: the
+        objects of the aborted multipart uploads). The default has nothing to remove;
+        backends whose writes can leave something override it."""
+        return []
 
     @abc.abstractmethod
     async def delete(self, path: str) -> None:

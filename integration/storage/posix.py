@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
+    STALE_TEMP_AGE,
     AlreadyExists,
     Corrupt,
     NotFound,
@@ -33,9 +34,8 @@ from stashflow.integration.storage.base import (
 _T = TypeVar("_T")
 
 TEMP_MARKER = ".stashflow-tmp-"
-# A temp file untouched this long belongs to a writer that died (an upload in progress
-# rewrites its temp file with every chunk, so its mtime stays fresh).
-STALE_TEMP_AGE = 3600.0
+# A temp file untouched for STALE_TEMP_AGE belongs to a writer that died (an upload in
+# progress rewrites its temp file with every chunk, so its mtime stays fresh).
 
 _NOT_FOUND_ERRNOS = {errno.ENOENT, errno.ENOTDIR}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
@@ -156,16 +156,56 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _open_for_read(path: str) -> tuple[int, os.stat_result]:
+def _open_version(path: str) -> tuple[int | None, os.stat_result]:
+    """(descriptor, its fstat) of an object; (None, stat) of a directory."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if stat_module.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
     except BaseException:
         os.close(fd)
         raise
+    if stat_module.S_ISDIR(st.st_mode):
+        os.close(fd)
+        return None, st
     return fd, st
+
+
+class OpenVersion:
+    """One version of a posix object (see `PosixStorage.open_version`)."""
+
+    def __init__(self, url: str, info: ObjectInfo, fd: int | None) -> None:
+        self.url = url
+        self.info = info
+        self._owner = _FdOwner(fd) if fd is not None else None
+
+    async def stream(
+        self, offset: int = 0, length: int | None = None, chunk_size: int = DEFAULT_CHUNK
+    ) -> AsyncIterator[bytes]:
+        check_range(offset, length, chunk_size)
+        end = max(self.info.size, offset) if length is None else offset + length
+        position = offset
+        while position < end:
+            if self._owner is None:
+                raise StorageError(self.url, "nothing to read: a directory, or closed")
+            want = min(chunk_size, end - position)
+            try:
+                data = await self._owner.run(_pread_exact_or_less, want, position)
+            except OSError as exc:
+                raise map_os_error(self.url, exc) from exc
+            if len(data) < want:
+                raise Corrupt(
+                    self.url,
+                    f"short read: got {position - offset + len(data)} of "
+                    f"{end - offset} bytes from offset {offset} (file shrank?)",
+                )
+            position += len(data)
+            yield data
+
+    def close(self) -> None:
+        """Release the descriptor (idempotent; deferred while a read is running)."""
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
 
 
 def _fsync_dir(path: str) -> None:
@@ -231,32 +271,28 @@ class PosixStorage(Storage):
         chunk_size: int = DEFAULT_CHUNK,
     ) -> AsyncIterator[bytes]:
         check_range(offset, length, chunk_size)
-        url = self.url_of(path)
-        local = self._local(path)
+        version = await self.open_version(path)
         try:
-            fd, st = await asyncio.to_thread(_open_for_read, local)
-        except OSError as exc:
-            raise map_os_error(url, exc) from exc
-        owner = _FdOwner(fd)
-        try:
-            end = max(st.st_size, offset) if length is None else offset + length
-            position = offset
-            while position < end:
-                want = min(chunk_size, end - position)
-                try:
-                    data = await owner.run(_pread_exact_or_less, want, position)
-                except OSError as exc:
-                    raise map_os_error(url, exc) from exc
-                if len(data) < want:
-                    raise Corrupt(
-                        url,
-                        f"short read: got {position - offset + len(data)} of "
-                        f"{end - offset} bytes from offset {offset} (file shrank?)",
-                    )
-                position += len(data)
+            if version.info.is_dir:
+                raise map_os_error(
+                    self.url_of(path), IsADirectoryError(errno.EISDIR, "is a directory")
+                )
+            async for data in version.stream(offset, length, chunk_size):
                 yield data
         finally:
-            owner.close()
+            version.close()
+
+    async def open_version(self, path: str) -> OpenVersion:
+        """The object's current version, read through one descriptor: what its `info`
+        says and the bytes its `stream` yields stay one version even when the name is
+        replaced meanwhile (rename(2) over it, as every atomic write does). A directory
+        comes back with `info.is_dir` set and nothing to read. close() it."""
+        local = self._local(path)
+        try:
+            fd, st = await asyncio.to_thread(_open_version, local)
+        except OSError as exc:
+            raise map_os_error(self.url_of(path), exc) from exc
+        return OpenVersion(self.url_of(path), self._info(path, st), fd)
 
     async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
         return await self._store(path, data, replace=True)

@@ -2,13 +2,16 @@
 
 boto3 is synchronous; calls run in the default thread pool on one client per storage
 (boto3 clients are thread-safe). An S3 PUT or a completed multipart upload is atomic
-by itself, so writes need no temporary object.
+by itself, so writes need no temporary object. What a writer that dies mid-upload
+(kill -9) leaves is an incomplete multipart upload: invisible, but stored (and billed)
+until aborted, which `remove_stale_temps` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -29,6 +32,7 @@ from botocore.exceptions import (
 
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
+    STALE_TEMP_AGE,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -46,6 +50,12 @@ _T = TypeVar("_T")
 
 # Parts of a multipart upload: S3's minimum is 5 MiB (except the last part).
 PART_SIZE = 8 << 20
+# Entries asked for per ListMultipartUploads / ListParts page (S3's maximum is 1000).
+LIST_PAGE_SIZE = 1000
+# What the credentials need for remove_stale_temps, named in its errors.
+_SWEEP_PERMISSIONS = (
+    "s3:ListBucketMultipartUploads, s3:ListMultipartUploadParts and s3:AbortMultipartUpload"
+)
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _DENIED_CODES = {
     "AccessDenied",
@@ -308,6 +318,94 @@ class S3Storage(Storage):
             )
         except (ClientError, BotoCoreError):
             pass
+
+    async def remove_stale_temps(self, older_than: float = STALE_TEMP_AGE) -> list[str]:
+        """Abort the incomplete multipart uploads under this storage's prefix that
+        writers which died mid-upload left (a crash or kill -9 runs no cleanup, and S3
+        keeps their parts, invisible but stored, until aborted): those initiated more
+        than `older_than` seconds ago and given no part since. Younger ones may belong
+        to a live upload of another process sharing this storage, so they stay.
+        Returns the object paths, relative to the root, of the aborted uploads (one
+        per upload). `write` never goes through a temporary object, so there is
+        nothing else to remove.
+
+        The ages are the server's timestamps against this host's clock. A refused
+        listing or abort raises PermissionDenied naming the permissions it needs."""
+        cutoff = time.time() - older_than
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            stale = await asyncio.to_thread(self._stale_uploads, prefix, cutoff)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._sweep_error(self.url, "listing the multipart uploads", exc) from exc
+        removed: list[str] = []
+        for key, upload_id in stale:
+            url = f"s3://{self.bucket}/{key}"
+            try:
+                await asyncio.to_thread(
+                    self._client.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                )
+            except (ClientError, BotoCoreError) as exc:
+                error = self._sweep_error(url, f"aborting multipart upload {upload_id}", exc)
+                if isinstance(error, NotFound):
+                    continue  # completed, or aborted by someone else, meanwhile
+                raise error from exc
+            removed.append(key[len(prefix) :])
+        return sorted(removed)
+
+    def _stale_uploads(self, prefix: str, cutoff: float) -> list[tuple[str, str]]:
+        """(key, upload id) of the multipart uploads under `prefix` neither initiated
+        nor given a part after `cutoff` (a Unix time). Blocking: runs in a thread."""
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
+        )
+        # The whole listing first: nothing is aborted while its pages are being read.
+        old = [
+            (upload["Key"], upload["UploadId"])
+            for page in pages
+            for upload in page.get("Uploads", [])
+            if "Key" in upload
+            and "UploadId" in upload
+            and len(upload["Key"]) > len(prefix)
+            and upload["Key"].startswith(prefix)
+            # no start time, no age: left alone
+            and "Initiated" in upload
+            and upload["Initiated"].timestamp() <= cutoff
+        ]
+        stale: list[tuple[str, str]] = []
+        for key, upload_id in old:
+            # A long upload started long ago but still sending parts is alive.
+            parts = self._client.get_paginator("list_parts").paginate(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PaginationConfig={"PageSize": LIST_PAGE_SIZE},
+            )
+            try:
+                recent = any(
+                    "LastModified" in part and part["LastModified"].timestamp() > cutoff
+                    for page in parts
+                    for part in page.get("Parts", [])
+                )
+            except ClientError as exc:
+                if isinstance(error_for(self.url, exc), NotFound):
+                    continue  # completed or aborted meanwhile
+                raise
+            if not recent:
+                stale.append((key, upload_id))
+        return stale
+
+    @staticmethod
+    def _sweep_error(url: str, doing: str, exc: Exception) -> StorageError:
+        """The error of remove_stale_temps: the kind error_for says, with what it was
+        doing and, when refused, what the credentials lack."""
+        error = error_for(url, exc)
+        reason = f"{doing} to sweep those of crashed writers failed: {error.reason}"
+        if isinstance(error, PermissionDenied):
+            reason += f" (the credentials need {_SWEEP_PERMISSIONS})"
+        return type(error)(url, reason)
 
     async def delete(self, path: str) -> None:
         url = self.url_of(path)

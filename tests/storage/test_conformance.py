@@ -1,7 +1,11 @@
 """One conformance suite for every storage backend, against real servers:
 posix (a temp dir), root:// and http:// (one XRootD server with XrdHttp, same data),
-s3:// (SeaweedFS). Each test runs unchanged on every backend; what a backend cannot do
-is tested separately below, per backend, saying why."""
+s3:// (SeaweedFS), and http-origin: the same http:// adapter against our own origin
+(`stashflow origin serve`, a posix directory behind it, a token with storage.read,
+storage.create and storage.modify over the export), so that both the adapter and the
+origin are held to the same contract as every other backend. Each test runs unchanged
+on every backend; what a backend cannot do is tested separately below, per backend,
+saying why."""
 
 from __future__ import annotations
 
@@ -33,8 +37,10 @@ from stashflow.integration.storage.http import HTTPStorage, error_for_status, pa
 from stashflow.integration.storage.posix import PosixStorage, map_os_error
 from stashflow.integration.storage.s3 import PART_SIZE, S3Storage
 from tests.conftest import require_real
+from tests.fixtures_servers import OriginServer, own_origin
 
-BACKENDS = ["posix", "root", "http", "s3"]
+BACKENDS = ["posix", "root", "http", "http-origin", "s3"]
+# Not http-origin: against a port where nothing listens it would be the http test again.
 NETWORK_BACKENDS = ["root", "http", "s3"]
 MiB = 1 << 20
 BUCKET = "stashflow-conformance"
@@ -119,6 +125,14 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             else HTTPStorage(f"{xrootd.http_url}/{unique}")
         )
         made = Subject(network, name, _names_on_disk(xrootd.data_dir / unique))
+    elif name == "http-origin":
+        # The same http:// client against our own origin, a posix directory behind it.
+        own: OriginServer = request.getfixturevalue("origin_server")
+        made = Subject(
+            HTTPStorage(f"{own.url}/{unique}", token=own.token),
+            name,
+            _names_on_disk(own.data_dir / unique),
+        )
     else:
         bucket = request.getfixturevalue("s3_bucket")
         server: SeaweedFS = request.getfixturevalue("seaweedfs_server")
@@ -404,10 +418,24 @@ async def test_unreachable_server_is_unavailable(
 # --- what only some backends can show, and why -------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["root", "http"])
-async def test_stopped_server_is_unavailable(backend: str, xrootd_workdir: Path) -> None:
-    # Only XRootD: a private SeaweedFS would cost seconds to start and stop, and the
-    # S3 client's failure path is the same as for an unreachable port (tested above).
+@pytest.mark.parametrize("backend", ["root", "http", "http-origin"])
+async def test_stopped_server_is_unavailable(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Not s3: a private SeaweedFS would cost seconds to start and stop, and the S3
+    # client's failure path is the same as for an unreachable port (tested above).
+    if backend == "http-origin":
+        with own_origin(tmp_path / "stopped") as origin:
+            storage = HTTPStorage(origin.url, token=origin.token)
+            try:
+                await storage.write("f", b"data")
+                assert await storage.read("f") == b"data"
+                origin.stop()
+                await _all_unavailable(storage)
+            finally:
+                await storage.close()
+        return
+    xrootd_workdir: Path = request.getfixturevalue("xrootd_workdir")
     with XRootDServer(xrootd_workdir / f"stopped-{uuid.uuid4().hex[:8]}") as server:
         url = server.root_url if backend == "root" else server.http_url
         storage = _root_storage(url, timeout=2) if backend == "root" else HTTPStorage(url)
@@ -424,8 +452,10 @@ async def test_stopped_server_is_unavailable(backend: str, xrootd_workdir: Path)
 async def test_stat_directory(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    # Not http: a HEAD on a collection looks like a HEAD on a file (XrdHttp answers
-    # 200 with a Content-Length either way); directories show up in list() instead.
+    # Not http: HTTPStorage.stat is a HEAD, and HTTP gives a HEAD on a collection no
+    # meaning of its own (RFC 4918 section 9.4): XrdHttp answers 200 with a
+    # Content-Length as for a file, our origin 400 ("list it with PROPFIND").
+    # Directories show up in list() instead.
     unique = uuid.uuid4().hex[:12]
     storage: Storage
     if backend == "posix":
@@ -445,16 +475,21 @@ async def test_stat_directory(
         await storage.close()
 
 
-@pytest.mark.parametrize("backend", ["posix", "root", "http"])
+@pytest.mark.parametrize("backend", ["posix", "root", "http", "http-origin"])
 async def test_file_shrinking_during_a_read_is_corrupt(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     # Needs a hand on the bytes behind the backend's back: the local file for posix,
-    # the XRootD server's data directory for root and http. S3 objects are immutable.
+    # the XRootD server's data directory for root and http, the exported directory for
+    # our origin. S3 objects are immutable.
     unique = uuid.uuid4().hex[:12]
     if backend == "posix":
         storage: Storage = PosixStorage(f"file://{tmp_path}/{unique}")
         on_disk = tmp_path / unique
+    elif backend == "http-origin":
+        own: OriginServer = request.getfixturevalue("origin_server")
+        storage = HTTPStorage(f"{own.url}/{unique}", token=own.token)
+        on_disk = own.data_dir / unique
     else:
         xrootd: XRootDServer = request.getfixturevalue("xrootd_server")
         on_disk = xrootd.data_dir / unique
