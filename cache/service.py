@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -82,6 +83,9 @@ class CacheService:
         self._origin_checksums: dict[tuple[bytes, int, str], asyncio.Task[Any]] = {}
         self._base_paths: dict[str, str] = {}  # namespace -> token base path (director)
         self._accesses: dict[bytes, tuple[int, float]] = {}
+        # touch() runs on the event loop, flush_accesses() in worker threads: the batch
+        # must not change hands between a read and a write of the loop's
+        self._accesses_lock = threading.Lock()
         self._verified: dict[tuple[bytes, int], _Verified] = {}
         self._background: list[asyncio.Task[None]] = []
         self.disk_state = "ok"
@@ -225,13 +229,15 @@ class CacheService:
         return info
 
     def touch(self, rec: Record) -> None:
-        hits, _ = self._accesses.get(rec.objid, (0, 0.0))
-        self._accesses[rec.objid] = (hits + 1, time.time())
+        with self._accesses_lock:
+            hits, _ = self._accesses.get(rec.objid, (0, 0.0))
+            self._accesses[rec.objid] = (hits + 1, time.time())
 
     def flush_accesses(self) -> None:
         """Write this worker's batched access counts to the index (blocking)."""
-        if self._accesses:
+        with self._accesses_lock:
             batch, self._accesses = self._accesses, {}
+        if batch:
             self.index.record_accesses(batch)
 
     # -- integrity --------------------------------------------------------------------

@@ -305,3 +305,51 @@ def test_one_worker_per_cpu_by_default(tmp_path: Path) -> None:
     assert CacheConfig.build({"workers": 3}, base).workers == 3
     with pytest.raises(ConfigError, match="workers must be at least 1"):
         CacheConfig.build({"workers": 0}, base)
+
+
+def test_accesses_counted_while_a_thread_flushes_are_all_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """touch() on the event loop and flush_accesses() in a worker thread at once: every
+    access lands in exactly one flushed batch, and no flush sees its batch change."""
+    import threading
+
+    from stashflow.cache.service import CacheService
+
+    cfg = CacheConfig.build(
+        {},
+        {"directory": str(tmp_path / "c"), "size": "64MiB", "origins": [f"/ns=file://{tmp_path}"]},
+    )
+    svc = CacheService(cfg)
+    recs = [_rec(svc.index, f"/ns/{i}", 100, now=i) for i in range(50)]
+    flushed: list[int] = []
+    errors: list[BaseException] = []
+
+    def record(batch: dict[bytes, tuple[int, float]]) -> None:
+        before = dict(batch)
+        total = 0
+        for hits, _ in batch.values():  # raises if the loop still writes into it
+            total += hits
+        assert batch == before
+        flushed.append(total)
+
+    monkeypatch.setattr(svc.index, "record_accesses", record)
+    done = threading.Event()
+
+    def flusher() -> None:
+        try:
+            while not done.is_set():
+                svc.flush_accesses()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    n = 200_000
+    for i in range(n):
+        svc.touch(recs[i % len(recs)])
+    done.set()
+    thread.join()
+    svc.flush_accesses()
+    assert errors == []
+    assert sum(flushed) == n
