@@ -10,6 +10,7 @@ until aborted, which `remove_stale_temps` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -287,8 +288,9 @@ class S3Storage(Storage):
                 upload_id = None
         finally:
             if upload_id is not None:
-                # The parts are invisible but stored (and billed) until aborted.
-                await asyncio.shield(self._abort(key, upload_id))
+                # The parts are invisible but stored (and billed) until aborted; if the
+                # abort fails too, remove_stale_temps takes them at the next start.
+                await asyncio.shield(self._abort_quietly(key, upload_id))
         return await self.stat(path)
 
     async def _put(self, url: str, key: str, body: bytes) -> None:
@@ -309,15 +311,13 @@ class S3Storage(Storage):
         return {"ETag": answer["ETag"], "PartNumber": number}
 
     async def _abort(self, key: str, upload_id: str) -> None:
-        try:
-            await asyncio.to_thread(
-                self._client.abort_multipart_upload,
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-            )
-        except (ClientError, BotoCoreError):
-            pass
+        await asyncio.to_thread(
+            self._client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
+        )
+
+    async def _abort_quietly(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            await self._abort(key, upload_id)
 
     async def remove_stale_temps(self, older_than: float = STALE_TEMP_AGE) -> list[str]:
         """Abort the incomplete multipart uploads under this storage's prefix that
@@ -341,12 +341,7 @@ class S3Storage(Storage):
         for key, upload_id in stale:
             url = f"s3://{self.bucket}/{key}"
             try:
-                await asyncio.to_thread(
-                    self._client.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                )
+                await self._abort(key, upload_id)
             except (ClientError, BotoCoreError) as exc:
                 error = self._sweep_error(url, f"aborting multipart upload {upload_id}", exc)
                 if isinstance(error, NotFound):
