@@ -426,26 +426,24 @@ async def test_stopped_server_is_unavailable(
     # client's failure path is the same as for an unreachable port (tested above).
     if backend == "http-origin":
         with own_origin(tmp_path / "stopped") as origin:
-            storage = HTTPStorage(origin.url, token=origin.token)
-            try:
-                await storage.write("f", b"data")
-                assert await storage.read("f") == b"data"
-                origin.stop()
-                await _all_unavailable(storage)
-            finally:
-                await storage.close()
+            await _used_then_stopped(HTTPStorage(origin.url, token=origin.token), origin.stop)
         return
     xrootd_workdir: Path = request.getfixturevalue("xrootd_workdir")
     with XRootDServer(xrootd_workdir / f"stopped-{uuid.uuid4().hex[:8]}") as server:
         url = server.root_url if backend == "root" else server.http_url
         storage = _root_storage(url, timeout=2) if backend == "root" else HTTPStorage(url)
-        try:
-            await storage.write("f", b"data")
-            assert await storage.read("f") == b"data"
-            server.stop()
-            await _all_unavailable(storage)
-        finally:
-            await storage.close()
+        await _used_then_stopped(storage, server.stop)
+
+
+async def _used_then_stopped(storage: Storage, stop: Callable[[], object]) -> None:
+    """`storage` works, then its server is stopped: every call reports it unavailable."""
+    try:
+        await storage.write("f", b"data")
+        assert await storage.read("f") == b"data"
+        stop()
+        await _all_unavailable(storage)
+    finally:
+        await storage.close()
 
 
 @pytest.mark.parametrize("backend", ["posix", "root", "s3"])

@@ -156,37 +156,29 @@ def restricted(
         yield server
 
 
-async def test_credentials_that_may_not_list_uploads_get_a_clear_error(
-    restricted: RestrictedSeaweedFS,
+@pytest.mark.parametrize(
+    ("user", "doing", "permission"),
+    [
+        ("writer", "listing the multipart uploads", "s3:ListBucketMultipartUploads"),
+        ("reader", "aborting multipart upload {upload}", "s3:AbortMultipartUpload"),
+    ],
+)
+async def test_credentials_that_may_not_sweep_get_a_clear_error(
+    restricted: RestrictedSeaweedFS, user: str, doing: str, permission: str
 ) -> None:
-    """Listing multipart uploads refused: PermissionDenied (a StorageError, which the
-    origin logs as a warning) naming what the credentials lack; nothing aborted."""
+    """Listing or aborting multipart uploads refused: PermissionDenied (a StorageError,
+    which the origin logs as a warning) naming what it was doing and what the
+    credentials lack; nothing aborted."""
     client = restricted.client()
-    upload = killed_writer(client, BUCKET, "w/obj.bin")
-    storage = restricted.storage_as("writer", f"s3://{BUCKET}/w")
+    prefix = user[0]
+    upload = killed_writer(client, BUCKET, f"{prefix}/obj.bin")
+    storage = restricted.storage_as(user, f"s3://{BUCKET}/{prefix}")
     try:
         with pytest.raises(PermissionDenied) as caught:
             await storage.remove_stale_temps(0)
         message = str(caught.value)
-        assert "listing the multipart uploads" in message and "AccessDenied" in message
-        assert "s3:ListBucketMultipartUploads" in message
-        assert pending(client, BUCKET, "w/") == [("w/obj.bin", upload)]
-    finally:
-        await storage.close()
-
-
-async def test_credentials_that_may_not_abort_get_a_clear_error(
-    restricted: RestrictedSeaweedFS,
-) -> None:
-    client = restricted.client()
-    upload = killed_writer(client, BUCKET, "r/obj.bin")
-    storage = restricted.storage_as("reader", f"s3://{BUCKET}/r")
-    try:
-        with pytest.raises(PermissionDenied) as caught:
-            await storage.remove_stale_temps(0)
-        message = str(caught.value)
-        assert f"aborting multipart upload {upload}" in message and "AccessDenied" in message
-        assert "s3:AbortMultipartUpload" in message
-        assert pending(client, BUCKET, "r/") == [("r/obj.bin", upload)]
+        assert doing.format(upload=upload) in message and "AccessDenied" in message
+        assert permission in message
+        assert pending(client, BUCKET, f"{prefix}/") == [(f"{prefix}/obj.bin", upload)]
     finally:
         await storage.close()
