@@ -17,7 +17,6 @@ long-running services.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 # mallopt(3) parameters (glibc's malloc.h)
@@ -35,12 +34,10 @@ def keep_freed_memory() -> bool:
     C library, or a platform without one)."""
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # the symbols the process already has, libc's among them: finding libc by name
+        # (ctypes.util.find_library) would run `ldconfig -p` on every download
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
