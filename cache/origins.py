@@ -31,6 +31,7 @@ class OriginSet(Storage):
         super().__init__(members[0].url)
         self.members = members
         self._first = 0
+        self.conditional_reads = all(m.conditional_reads for m in members)
 
     def _in_turn(self) -> list[tuple[int, Storage]]:
         n = len(self.members)
@@ -67,11 +68,11 @@ class OriginSet(Storage):
 
     async def stream(
         self, path: str, offset: int = 0, length: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: int = DEFAULT_CHUNK, *, if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         failure: Unavailable | None = None
         for index, member in self._in_turn():
-            chunks = member.stream(path, offset, length, chunk_size)
+            chunks = member.stream(path, offset, length, chunk_size, if_match=if_match)
             try:
                 first = await anext(chunks, None)
             except Unavailable as e:

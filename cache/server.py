@@ -119,6 +119,9 @@ class ObjectHandler:
         }
         if rec.mtime is not None:
             headers["Last-Modified"] = validators.http_date(rec.mtime)
+        if validators.precondition_failed(request.headers, etag, rec.mtime):
+            outcome["result"] = "precondition_failed"
+            return error(412, f"{key} is no longer the version asked for", path=key)
         if validators.not_modified(request.headers, etag, rec.mtime):
             outcome["result"] = "not_modified"
             return web.Response(status=304, headers=headers)

@@ -34,7 +34,7 @@ from stashflow.integration.storage import (
     StorageError,
     Unsupported,
 )
-from stashflow.integration.storage.base import DEFAULT_CHUNK
+from stashflow.integration.storage.base import DEFAULT_CHUNK, strong_etag
 from stashflow.integration.storage.posix import OpenVersion, PosixStorage, map_os_error
 
 
@@ -258,7 +258,9 @@ class Version:
     name is replaced meanwhile by an atomic write, which is exactly what writers do.
 
     This default knows the object only by name: `info` comes from a stat, and the reads
-    go to whatever the name holds by then. Backends with handles override it."""
+    go to whatever the name holds by then (root://: XRootD has no ETag). Posix reads
+    through one descriptor (_OneFile); backends with entity tags read conditionally on
+    the tag (_Tagged)."""
 
     def __init__(self, storage: Storage, rel: str, info: ObjectInfo) -> None:
         self.storage = storage
@@ -302,10 +304,29 @@ class _OneFile(Version):
         self._opened.close()
 
 
+class _Tagged(Version):
+    """An object of a storage with `conditional_reads`, read only while it still has
+    the strong ETag of its `info`: a replaced object makes the reads raise Changed
+    (before any byte of it is delivered) instead of mixing versions."""
+
+    def stream(
+        self, offset: int = 0, length: int | None = None, chunk_size: int = DEFAULT_CHUNK
+    ) -> AsyncIterator[bytes]:
+        return self.storage.stream(self.rel, offset, length, chunk_size, if_match=self.info.etag)
+
+    async def checksum(self, algorithm: str) -> str:
+        return await self.storage.checksum(self.rel, algorithm, if_match=self.info.etag)
+
+
 async def open_version(storage: Storage, rel: str) -> Version:
     """The current version of `rel` (NotFound etc. as Storage.stat raises them); the
     caller must close() it. A directory comes back as a Version whose info.is_dir is
-    set, which has nothing to read."""
+    set, which has nothing to read. The reads of a version may raise Changed when the
+    object was replaced since: open it again for the new one."""
     if isinstance(storage, PosixStorage):
         return _OneFile(storage, rel, await storage.open_version(rel))
-    return Version(storage, rel, await storage.stat(rel))
+    info = await storage.stat(rel)
+    if storage.conditional_reads and not info.is_dir and strong_etag(info.etag) is not None:
+        return _Tagged(storage, rel, info)
+    # No strong tag to hold the object to: read by name, as the default does.
+    return Version(storage, rel, info)

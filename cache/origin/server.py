@@ -42,6 +42,7 @@ from stashflow.integration.checksums import (
 )
 from stashflow.integration.storage import (
     AlreadyExists,
+    Changed,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -74,6 +75,9 @@ REALM = "stashflow-origin"
 # as JSON: the director reads it to advertise the base path that tokens for a namespace
 # must be relative to (X-Pelican-Token-Generation), so that it matches what we enforce.
 DECLARATION_PATH = "/.well-known/stashflow-origin"
+# Versions of one object a GET tries when each is replaced before its first byte is
+# read (conditional reads, backend._Tagged); an object changing faster gets a 503.
+VERSION_ATTEMPTS = 3
 
 
 def error(status: int, message: str, **fields: Any) -> web.Response:
@@ -313,13 +317,24 @@ class Origin:
         if not target.rel:
             return self._collection(target)
         # Headers and body from one version: the object may be replaced while we answer.
-        version = await backend.open_version(target.export.storage, target.rel)
-        try:
-            if version.info.is_dir:
-                return self._collection(target)
-            return await self._get(request, target, version)
-        finally:
-            version.close()
+        for _ in range(VERSION_ATTEMPTS):
+            version = await backend.open_version(target.export.storage, target.rel)
+            try:
+                if version.info.is_dir:
+                    return self._collection(target)
+                return await self._get(request, target, version)
+            except Changed as e:
+                # Only before the headers: after them _send cuts the connection instead.
+                log.info("%s was replaced before its first byte was sent (%s); again",
+                         target.key, e.reason)  # fmt: skip
+            finally:
+                version.close()
+        return error(
+            503,
+            f"{target.key} was replaced {VERSION_ATTEMPTS} times while being read; try again",
+            path=target.key,
+            headers={"Retry-After": "1"},
+        )
 
     @staticmethod
     def _collection(target: Target) -> web.Response:
@@ -333,6 +348,9 @@ class Origin:
         headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": CONTENT_TYPE}
         if info.mtime is not None:
             headers["Last-Modified"] = validators.http_date(info.mtime)
+        if validators.precondition_failed(request.headers, etag, info.mtime):
+            return error(412, f"{target.key} is no longer the version asked for", path=target.key,
+                         headers={"ETag": etag})  # fmt: skip
         if validators.not_modified(request.headers, etag, info.mtime):
             return web.Response(status=304, headers=headers)
 
@@ -353,6 +371,8 @@ class Origin:
             for algo in parse_want_digest(want):
                 try:
                     value = await self._checksum(target, version, etag, algo)
+                except Changed:
+                    raise  # a digest of this version no longer can be had: the next one
                 except (StorageError, ValueError) as e:
                     log.warning("checksum %s of %s failed: %s", algo, target.key, e)
                     continue
@@ -393,9 +413,13 @@ class Origin:
 
         async def body() -> AsyncGenerator[bytes, None]:
             for i, (first, last) in enumerate(spans):
-                if heads:
-                    yield heads[i]
+                head = heads[i] if heads else b""
                 async for chunk in version.stream(first, last - first + 1, CHUNK):
+                    if head:
+                        # After the range's first read: so that the first read of all
+                        # happens before the status goes out (see below).
+                        yield head
+                        head = b""
                     yield chunk
             if tail:
                 yield tail
@@ -403,7 +427,8 @@ class Origin:
         parts = body()
         try:
             # The first bytes are read before the status goes out, so that a missing
-            # object or a dead backend still gets a clean error response.
+            # object, a dead backend or a version replaced since (Changed: answered
+            # again from the new one) still gets a clean response.
             try:
                 first = await anext(parts)
             except StopAsyncIteration:

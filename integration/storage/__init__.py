@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from stashflow.integration.storage.base import (
     CHECKSUM_ALGORITHMS,
     AlreadyExists,
+    Changed,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -55,6 +56,7 @@ def open_storage(url: str, **options: Any) -> Storage:
 __all__ = [
     "CHECKSUM_ALGORITHMS",
     "AlreadyExists",
+    "Changed",
     "Corrupt",
     "NotFound",
     "ObjectInfo",

@@ -55,6 +55,22 @@ class Unsupported(StorageError):
     """The backend cannot do this operation (e.g. no server-side checksum)."""
 
 
+class Changed(StorageError):
+    """The object no longer is the version asked for (`if_match` names another entity
+    tag): nothing of the new version was delivered."""
+
+
+def strong_etag(etag: str | None) -> str | None:
+    """The opaque tag of `etag` (as ObjectInfo.etag holds it) when it can name one
+    version in an If-Match: None for a missing or weak tag (If-Match compares strongly,
+    RFC 9110 section 13.1.1) and for one that cannot travel in an entity-tag."""
+    if not etag or etag.startswith("W/"):
+        return None
+    if all(c == "!" or "#" <= c <= "~" for c in etag):
+        return etag
+    return None
+
+
 def check_range(offset: int, length: int | None, chunk_size: int) -> None:
     """The argument checks every backend's `stream` starts with."""
     if offset < 0 or (length is not None and length < 0) or chunk_size <= 0:
@@ -79,6 +95,8 @@ class Storage(abc.ABC):
     """An async view of one storage root. Instances are cheap; `close()` releases pools."""
 
     scheme: str = ""
+    # Whether `stream` and `checksum` honour `if_match` (backends with entity tags).
+    conditional_reads: bool = False
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -112,9 +130,17 @@ class Storage(abc.ABC):
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        *,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Yield the bytes of a range in order. Raises Corrupt if the backend delivers
-        fewer bytes than the range it promised."""
+        fewer bytes than the range it promised.
+
+        `if_match` (an etag as ObjectInfo.etag gives it) reads that version only: Changed
+        is raised, before anything is yielded, when the object has another tag by then.
+        A weak tag cannot name one version and is ignored. Backends whose
+        `conditional_reads` is False raise Unsupported for any `if_match` rather than
+        read whatever the name holds."""
 
     @abc.abstractmethod
     async def write(self, path: str, data: bytes | AsyncIterable[bytes]) -> ObjectInfo:
@@ -166,18 +192,19 @@ class Storage(abc.ABC):
         network), or None when it cannot. Backends with such a facility override this."""
         return None
 
-    async def checksum(self, path: str, algorithm: str) -> str:
+    async def checksum(self, path: str, algorithm: str, *, if_match: str | None = None) -> str:
         """Lowercase hex checksum: the server's if it has one, else computed by
-        streaming the object."""
+        streaming the object. With `if_match`, of that version only, as `stream`."""
         from stashflow.integration.checksums import ALGORITHMS, Hasher
 
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
-        known = await self.server_checksum(path, algorithm)
+        # A server-side checksum is of whatever the name holds when asked.
+        known = None if if_match is not None else await self.server_checksum(path, algorithm)
         if known is not None:
             return known
         hasher = Hasher(algorithm)
-        async for chunk in self.stream(path):
+        async for chunk in self.stream(path, if_match=if_match):
             hasher.update(chunk)
         return hasher.hexdigest()
 

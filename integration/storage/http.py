@@ -25,6 +25,7 @@ from yarl import URL
 from stashflow.integration import checksums
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
+    Changed,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -34,6 +35,7 @@ from stashflow.integration.storage.base import (
     Unavailable,
     Unsupported,
     check_range,
+    strong_etag,
 )
 
 TEMP_MARKER = ".stashflow-tmp-"
@@ -75,6 +77,18 @@ def _etag(value: str | None) -> str | None:
         return None
     # Quotes are syntax, not part of a strong tag; weak tags keep their W/ marker.
     return value if value.startswith("W/") else value.strip('"')
+
+
+def _check_version(url: str, response: aiohttp.ClientResponse, tag: str | None) -> None:
+    """Changed unless `response` is of the version whose strong ETag is `tag` (None:
+    any version). Also checked after If-Match, since some servers ignore it."""
+    if tag is None:
+        return
+    if response.status == 412:
+        raise Changed(url, f"HTTP 412: the object no longer has ETag {tag}")
+    sent = _etag(response.headers.get("ETag"))
+    if response.status in (200, 206) and sent is not None and sent != tag:
+        raise Changed(url, f"asked for ETag {tag}, the server sent {sent}")
 
 
 def _http_time(value: str | None) -> float | None:
@@ -166,6 +180,7 @@ class HTTPStorage(Storage):
     """http(s):// URL prefix; objects are URLs below it."""
 
     scheme = "http"
+    conditional_reads = True
 
     def __init__(
         self,
@@ -216,9 +231,13 @@ class HTTPStorage(Storage):
             await self._session.close()
         self._session = None
 
-    async def _head(self, path: str, headers: dict[str, str] | None = None) -> ObjectInfo:
+    async def _head(
+        self, path: str, headers: dict[str, str] | None = None, *, tag: str | None = None
+    ) -> ObjectInfo:
         url = self.url_of(path)
-        async with self._request("HEAD", path, headers=headers or {}, allow_redirects=True) as r:
+        headers = {**(headers or {}), **({"If-Match": f'"{tag}"'} if tag else {})}
+        async with self._request("HEAD", path, headers=headers, allow_redirects=True) as r:
+            _check_version(url, r, tag)
             if r.status != 200:
                 raise error_for_status(url, r.status, r.reason or "")
             length = r.headers.get("Content-Length")
@@ -241,20 +260,24 @@ class HTTPStorage(Storage):
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        *,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         check_range(offset, length, chunk_size)
         url = self.url_of(path)
+        tag = strong_etag(if_match)
         if length is None and offset > 0:
             # An open-ended range ("bytes=N-") is answered with an empty body by XrdHttp
             # 5.5: ask for an explicit range instead, which every server handles.
-            size = (await self._head(path)).size
+            size = (await self._head(path, tag=tag)).size
             length = max(size - offset, 0)
         if length == 0:
             return
-        headers = {}
+        headers = {"If-Match": f'"{tag}"'} if tag else {}
         if length is not None:
             headers["Range"] = f"bytes={offset}-{offset + length - 1}"
         async with self._request("GET", path, headers=headers) as response:
+            _check_version(url, response, tag)
             expected = await self._check_range(url, response, offset, length)
             received = 0
             try:
@@ -440,6 +463,18 @@ class HTTPStorage(Storage):
             etag=None if is_dir else _etag(prop.findtext(f"{_DAV}getetag")),
             is_dir=is_dir,
         )
+
+    async def checksum(self, path: str, algorithm: str, *, if_match: str | None = None) -> str:
+        tag = strong_etag(if_match)
+        if tag is None or algorithm not in checksums.ALGORITHMS:
+            return await super().checksum(path, algorithm, if_match=if_match)
+        # The digest of a HEAD that still has the tag is that version's: no need to
+        # read the object.
+        info = await self._head(path, {"Want-Digest": checksums.http_name(algorithm)}, tag=tag)
+        known = info.checksums.get(algorithm)
+        if known is not None:
+            return known
+        return await super().checksum(path, algorithm, if_match=if_match)
 
     async def server_checksum(self, path: str, algorithm: str) -> str | None:
         info = await self._head(path, {"Want-Digest": checksums.http_name(algorithm)})

@@ -28,6 +28,7 @@ from stashflow.integration.storage.base import (
     Storage,
     StorageError,
     Unavailable,
+    Unsupported,
     check_range,
 )
 
@@ -269,8 +270,13 @@ class PosixStorage(Storage):
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        *,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         check_range(offset, length, chunk_size)
+        if if_match is not None:
+            # One version is read through one descriptor instead: see open_version.
+            raise Unsupported(self.url_of(path), "posix reads are not conditional on an ETag")
         version = await self.open_version(path)
         try:
             if version.info.is_dir:

@@ -26,6 +26,7 @@ from stashflow.integration.storage.base import (
     Storage,
     StorageError,
     Unavailable,
+    Unsupported,
     check_range,
 )
 
@@ -168,9 +169,13 @@ class RootStorage(Storage):
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        *,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         check_range(offset, length, chunk_size)
         url = self.url_of(path)
+        if if_match is not None:
+            raise Unsupported(url, "XRootD has no entity tags to make a read conditional on")
         handle = _OpenFile(self.timeout)
         try:
             status, _ = await handle.run("open", self._file_url(path), OpenFlags.READ, 0)

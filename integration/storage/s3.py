@@ -34,6 +34,7 @@ from botocore.exceptions import (
 from stashflow.integration.storage.base import (
     DEFAULT_CHUNK,
     STALE_TEMP_AGE,
+    Changed,
     Corrupt,
     NotFound,
     ObjectInfo,
@@ -42,6 +43,7 @@ from stashflow.integration.storage.base import (
     StorageError,
     Unavailable,
     check_range,
+    strong_etag,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +82,8 @@ def error_for(url: str, exc: Exception) -> StorageError:
             return NotFound(url, reason)
         if code in _DENIED_CODES or status in (401, 403):
             return PermissionDenied(url, reason)
+        if code == "PreconditionFailed" or status == 412:
+            return Changed(url, reason + " (the object has another ETag now)")
         if code == "InvalidRange" or status == 416:
             return Corrupt(url, reason + " (range beyond the end of the object)")
         if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
@@ -114,6 +118,7 @@ class S3Storage(Storage):
     """A bucket, or a prefix in one; "directories" are '/'-separated key prefixes."""
 
     scheme = "s3"
+    conditional_reads = True
 
     def __init__(
         self,
@@ -194,6 +199,8 @@ class S3Storage(Storage):
         offset: int = 0,
         length: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        *,
+        if_match: str | None = None,
     ) -> AsyncIterator[bytes]:
         check_range(offset, length, chunk_size)
         url = self.url_of(path)
@@ -201,6 +208,9 @@ class S3Storage(Storage):
         if length == 0:
             return
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        tag = strong_etag(if_match)
+        if tag is not None:
+            kwargs["IfMatch"] = f'"{tag}"'
         if length is not None:
             kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset > 0:
@@ -212,6 +222,11 @@ class S3Storage(Storage):
                 return  # offset at or past the end: the rest of the object is nothing
             raise
         body = answer["Body"]
+        sent = str(answer.get("ETag", "")).strip('"')
+        if tag is not None and sent and sent != tag:
+            # A server that ignores IfMatch must not hand over another version either.
+            body.close()
+            raise Changed(url, f"asked for ETag {tag}, S3 sent {sent}")
         expected = int(answer["ContentLength"])
         if length is not None and expected != length:
             body.close()

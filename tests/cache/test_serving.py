@@ -130,6 +130,10 @@ def test_conditional_get(cache: CacheProcess) -> None:
     # If-Range with a stale validator: the whole object, not the range
     stale = cache.get("/ns/big.bin", {"Range": "bytes=0-9", "If-Range": '"old"'})
     assert stale.status == 200
+    # If-Match: only the version named; anything else is 412, never another version
+    assert cache.get("/ns/big.bin", {"If-Match": etag}, method="HEAD").status == 200
+    assert cache.get("/ns/big.bin", {"If-Match": '"old"'}).status == 412
+    assert cache.get("/ns/big.bin", {"If-Match": f"W/{etag}"}).status == 412
 
 
 @pytest.mark.parametrize("algorithm", ["adler32", "md5", "sha-256", "crc32c"])

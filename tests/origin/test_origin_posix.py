@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import email.utils
 import hashlib
 import os
 import random
@@ -105,6 +106,18 @@ def test_get_head_and_validators(site: Site) -> None:
     stale = {"Range": "bytes=0-9", "If-Range": '"other"'}
     r = site.origin.call("GET", "/pub/read/obj.bin", headers=stale)
     assert r.status == 200 and len(r.body) == len(data)
+    # If-Match: only the version named, compared strongly (RFC 9110 section 13.1.1)
+    for value in (etag, f'"other", {etag}', "*"):
+        r = site.origin.call("GET", "/pub/read/obj.bin", headers={"If-Match": value})
+        assert r.status == 200 and r.body == data, value
+    for value in ('"other"', f"W/{etag}"):
+        r = site.origin.call("GET", "/pub/read/obj.bin", headers={"If-Match": value})
+        assert r.status == 412 and b"no longer the version" in r.body, value
+    before = email.utils.formatdate(time.time() - 86400 * 365, usegmt=True)
+    unmodified = {"If-Unmodified-Since": before}
+    assert site.origin.call("GET", "/pub/read/obj.bin", headers=unmodified).status == 412
+    unmodified = {"If-Unmodified-Since": modified}
+    assert site.origin.call("GET", "/pub/read/obj.bin", headers=unmodified).status == 200
 
 
 def test_ranges_single_suffix_multi_and_unsatisfiable(site: Site) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 import random
 import time
@@ -18,8 +19,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from stashflow.integration.checksums import Hasher
 from stashflow.integration.servers import free_port
@@ -27,15 +30,18 @@ from stashflow.integration.servers.seaweedfs import SeaweedFS
 from stashflow.integration.servers.xrootd import XCacheServer, XRootDServer
 from stashflow.integration.storage import (
     CHECKSUM_ALGORITHMS,
+    Changed,
     Corrupt,
     NotFound,
     PermissionDenied,
     Storage,
     Unavailable,
+    Unsupported,
 )
 from stashflow.integration.storage.http import HTTPStorage, error_for_status, parse_digest
 from stashflow.integration.storage.posix import PosixStorage, map_os_error
 from stashflow.integration.storage.s3 import PART_SIZE, S3Storage
+from stashflow.integration.storage.s3 import error_for as s3_error_for
 from tests.conftest import require_real
 from tests.fixtures_servers import OriginServer, own_origin
 
@@ -634,3 +640,95 @@ async def test_xcache_serves_the_origin_bytes(
             await through_http.close()
             await through_root.close()
     await origin.close()
+
+
+# --- conditional reads: one version per read, on the backends with entity tags ---------
+
+
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    return await anext(aiter(chunks))
+
+
+@pytest.mark.parametrize("subject", ["s3", "http-origin"], indirect=True)
+async def test_reads_if_match_deliver_that_version_or_nothing(storage: Storage) -> None:
+    """A read conditional on the ETag a stat gave returns that version's bytes, and
+    after an overwrite raises Changed before yielding a single byte of the new one.
+    Our origin ignores If-Match: there the adapter's check of the answer's ETag is
+    what refuses the new version. Not http (XrdHttp 5.5): it sends no ETag at all."""
+    assert storage.conditional_reads
+    old_data, new_data = _payload(300_000, seed=21), _payload(200_000, seed=22)
+    old = await storage.write("v/obj.bin", old_data)
+    assert old.etag and not old.etag.startswith("W/")
+    assert await _collect(storage.stream("v/obj.bin", if_match=old.etag)) == old_data
+    assert await _collect(storage.stream("v/obj.bin", 1000, 50, if_match=old.etag)) == (
+        old_data[1000:1050]
+    )
+    assert await storage.checksum("v/obj.bin", "sha256", if_match=old.etag) == (
+        hashlib.sha256(old_data).hexdigest()
+    )
+
+    new = await storage.write("v/obj.bin", new_data)
+    assert new.etag and new.etag != old.etag
+    for offset, length in ((0, None), (1000, 50), (1000, None)):
+        with pytest.raises(Changed) as caught:
+            await _first_chunk(storage.stream("v/obj.bin", offset, length, if_match=old.etag))
+        assert caught.value.url == storage.url_of("v/obj.bin")
+    with pytest.raises(Changed):
+        await storage.checksum("v/obj.bin", "sha256", if_match=old.etag)
+    assert await _collect(storage.stream("v/obj.bin", if_match=new.etag)) == new_data
+
+    # No tag, or a weak one (If-Match compares strongly): read by name, as before.
+    for tag in (None, f'W/"{old.etag}"'):
+        assert await _collect(storage.stream("v/obj.bin", if_match=tag)) == new_data
+
+
+@pytest.mark.parametrize("subject", ["s3"], indirect=True)
+async def test_s3_read_of_another_version_is_refused_when_if_match_is_ignored(
+    subject: Subject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 server that ignores IfMatch sends the new version with its own ETag: that
+    answer is refused as Changed too, nothing of it delivered."""
+    storage = subject.storage
+    assert isinstance(storage, S3Storage)
+    old = await storage.write("v/obj.bin", b"old version")
+    await storage.write("v/obj.bin", b"the new version")
+    get_object = storage._client.get_object
+
+    def ignoring_if_match(**kwargs: Any) -> Any:
+        assert kwargs.pop("IfMatch") == f'"{old.etag}"'
+        return get_object(**kwargs)
+
+    monkeypatch.setattr(storage._client, "get_object", ignoring_if_match)
+    with pytest.raises(Changed, match="S3 sent"):
+        await _first_chunk(storage.stream("v/obj.bin", if_match=old.etag))
+
+
+def test_s3_precondition_failed_is_changed() -> None:
+    refused = ClientError(
+        {
+            "Error": {"Code": "PreconditionFailed", "Message": "At least one of the pre-"
+                      "conditions you specified did not hold"},
+            "ResponseMetadata": {"HTTPStatusCode": 412},
+        },
+        "GetObject",
+    )  # fmt: skip
+    assert isinstance(s3_error_for("s3://b/k", refused), Changed)
+    assert isinstance(error_for_status("http://h/k", 412), PermissionDenied)  # not a read
+
+
+@pytest.mark.parametrize("subject", ["posix", "root"], indirect=True)
+async def test_reads_without_entity_tags_refuse_if_match(storage: Storage) -> None:
+    """posix and root:// cannot make a read conditional on an ETag: they say so
+    (Unsupported) rather than read whatever the name holds."""
+    assert not storage.conditional_reads
+    await storage.write("v/obj.bin", b"data")
+    for tag in ("abc", 'W/"abc"'):
+        with pytest.raises(Unsupported):
+            await _first_chunk(storage.stream("v/obj.bin", if_match=tag))
+        with pytest.raises(Unsupported):
+            await storage.checksum("v/obj.bin", "md5", if_match=tag)
+    assert await _collect(storage.stream("v/obj.bin", if_match=None)) == b"data"
+
+
+async def _collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
