@@ -652,9 +652,9 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
 @pytest.mark.parametrize("subject", ["s3", "http-origin"], indirect=True)
 async def test_reads_if_match_deliver_that_version_or_nothing(storage: Storage) -> None:
     """A read conditional on the ETag a stat gave returns that version's bytes, and
-    after an overwrite raises Changed before yielding a single byte of the new one.
-    Our origin ignores If-Match: there the adapter's check of the answer's ETag is
-    what refuses the new version. Not http (XrdHttp 5.5): it sends no ETag at all."""
+    after an overwrite raises Changed before yielding a single byte of the new one
+    (SeaweedFS answers PreconditionFailed, our origin 412). Not http (XrdHttp 5.5): it
+    sends no ETag at all."""
     assert storage.conditional_reads
     old_data, new_data = _payload(300_000, seed=21), _payload(200_000, seed=22)
     old = await storage.write("v/obj.bin", old_data)
