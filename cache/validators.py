@@ -21,6 +21,17 @@ def etag(size: int, mtime: float | None, origin_etag: str | None) -> str:
     return f'"{size:x}-{int((mtime or 0) * 1e9):x}"'
 
 
+def _timestamp(value: str | None) -> float | None:
+    """An HTTP-date as seconds; None for none or an invalid one, which the conditional
+    headers then ignore (RFC 9110 section 13.1)."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 def precondition_failed(headers: Mapping[str, str], tag: str, mtime: float | None) -> bool:
     """Whether a request gets 412 (section 13.2.2, evaluated before the others):
     If-Match lists no tag that matches strongly (a reader holding one version, e.g. a
@@ -30,13 +41,8 @@ def precondition_failed(headers: Mapping[str, str], tag: str, mtime: float | Non
     if if_match is not None:
         tags = {t.strip() for t in if_match.split(",")}
         return not ("*" in tags or (tag in tags and not tag.startswith("W/")))
-    since = headers.get("If-Unmodified-Since")
-    if since and mtime is not None:
-        try:
-            return int(mtime) > email.utils.parsedate_to_datetime(since).timestamp()
-        except (TypeError, ValueError):
-            return False  # an invalid date is ignored (section 13.1.4)
-    return False
+    since = _timestamp(headers.get("If-Unmodified-Since"))
+    return since is not None and mtime is not None and int(mtime) > since
 
 
 def not_modified(headers: Mapping[str, str], tag: str, mtime: float | None) -> bool:
@@ -46,13 +52,8 @@ def not_modified(headers: Mapping[str, str], tag: str, mtime: float | None) -> b
     if if_none is not None:
         tags = {t.strip().removeprefix("W/") for t in if_none.split(",")}
         return "*" in tags or tag.removeprefix("W/") in tags
-    since = headers.get("If-Modified-Since")
-    if since and mtime is not None:
-        try:
-            return int(mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
-        except (TypeError, ValueError):
-            return False
-    return False
+    since = _timestamp(headers.get("If-Modified-Since"))
+    return since is not None and mtime is not None and int(mtime) <= since
 
 
 def range_applies(headers: Mapping[str, str], tag: str, mtime: float | None) -> bool:
@@ -64,8 +65,5 @@ def range_applies(headers: Mapping[str, str], tag: str, mtime: float | None) -> 
     value = value.strip()
     if value.startswith(('"', 'W/"')):
         return value == tag and not tag.startswith("W/")
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return False
-    return mtime is not None and int(mtime) == int(when)
+    when = _timestamp(value)
+    return when is not None and mtime is not None and int(mtime) == int(when)

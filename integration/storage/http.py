@@ -466,18 +466,19 @@ class HTTPStorage(Storage):
 
     async def checksum(self, path: str, algorithm: str, *, if_match: str | None = None) -> str:
         tag = strong_etag(if_match)
-        if tag is None or algorithm not in checksums.ALGORITHMS:
-            return await super().checksum(path, algorithm, if_match=if_match)
-        # The digest of a HEAD that still has the tag is that version's: no need to
-        # read the object.
-        info = await self._head(path, {"Want-Digest": checksums.http_name(algorithm)}, tag=tag)
-        known = info.checksums.get(algorithm)
-        if known is not None:
-            return known
+        if tag is not None and algorithm in checksums.ALGORITHMS:
+            # The digest of a HEAD that still has the tag is that version's: no need to
+            # read the object.
+            known = await self._digest(path, algorithm, tag)
+            if known is not None:
+                return known
         return await super().checksum(path, algorithm, if_match=if_match)
 
     async def server_checksum(self, path: str, algorithm: str) -> str | None:
-        info = await self._head(path, {"Want-Digest": checksums.http_name(algorithm)})
+        return await self._digest(path, algorithm)
+
+    async def _digest(self, path: str, algorithm: str, tag: str | None = None) -> str | None:
+        info = await self._head(path, {"Want-Digest": checksums.http_name(algorithm)}, tag=tag)
         # Servers may answer with another algorithm (XrdHttp gives adler32 for sha-256)
         # or none at all: then there is no server-side checksum.
         return info.checksums.get(algorithm)
