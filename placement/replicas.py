@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, and_, bindparam, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from stashflow.placement.accounts import is_admin
@@ -17,6 +18,7 @@ from stashflow.placement.clock import rfc1123, utcnow
 from stashflow.placement.db import bulk_insert, keys_in
 from stashflow.placement.dids import (
     CHUNK,
+    FileRow,
     ensure_files,
     fetch_dids,
     get_did,
@@ -34,6 +36,7 @@ from stashflow.placement.exceptions import (
 from stashflow.placement.models import (
     REPLICA_STATE_CODES,
     RSE,
+    Attachment,
     DIDType,
     Replica,
     ReplicaState,
@@ -192,9 +195,9 @@ class _Site:
     """What a listing needs of one RSE, computed once per request."""
 
     name: str
-    info: dict[str, Any]
-    # (domain, scheme, pfn prefix) by preference, for the requested domains and schemes
-    readers: list[tuple[str, str, str]]
+    # (domain, pfn prefix, the PFN's entry without its priority) by preference, for the
+    # requested domains and schemes
+    readers: list[tuple[str, str, dict[str, Any]]]
 
 
 def _sites(session: Session, domains: list[str], schemes: list[str] | None,
@@ -206,7 +209,9 @@ def _sites(session: Session, domains: list[str], schemes: list[str] | None,
     for rse in session.scalars(select(RSE).where(RSE.deleted.is_(False))):
         if allowed is not None and rse.id not in allowed:
             continue
-        readers: list[tuple[str, str, str]] = []
+        info = {"rse_id": rse.id, "rse": rse.rse, "type": rse.rse_type.value,
+                "volatile": rse.volatile}
+        readers: list[tuple[str, str, dict[str, Any]]] = []
         for current in domains:
             # Only None disables an operation: 0 is the highest priority (rsemanager's
             # _get_possible_protocols).
@@ -214,10 +219,9 @@ def _sites(session: Session, domains: list[str], schemes: list[str] | None,
                       if (rank := _read_priority(p, current)) is not None
                       and (not schemes or p.scheme in schemes)]
             usable = [p for _rank, p in sorted(ranked, key=lambda pair: pair[0])]
-            readers.extend((current, p.scheme, pfn_prefix(p)) for p in usable)
-        sites[rse.id] = _Site(rse.rse, {"rse_id": rse.id, "rse": rse.rse,
-                                        "type": rse.rse_type.value, "volatile": rse.volatile},
-                              readers)
+            readers.extend((current, pfn_prefix(p), {**info, "domain": current})
+                           for p in usable)
+        sites[rse.id] = _Site(rse.rse, readers)
     return sites
 
 
@@ -228,7 +232,8 @@ class Listing:
     the client is already parsing the first ones."""
 
     files: list[Any]
-    replicas: dict[tuple[str, str], list[tuple[str, str | None, ReplicaState]]]
+    # per file: (rse_id, path, state value)
+    replicas: dict[tuple[str, str], list[tuple[str, str | None, str]]]
     sites: dict[str, _Site]
     domains: list[str]
     sort: str | None
@@ -236,44 +241,48 @@ class Listing:
     parents: dict[tuple[str, str], list[str]] | None
 
     def lines(self) -> Iterator[dict[str, Any]]:
+        # Run once per file of listings of 10,000s of files: kept to plain loops.
         shuffle = self.sort == "random"
         lan_first = not shuffle and len(self.domains) > 1
-        sites = self.sites
-        no_replicas: list[tuple[str, str | None, ReplicaState]] = []
+        sites, replicas, nrandom, parents = self.sites, self.replicas, self.nrandom, self.parents
+        no_replicas: list[tuple[str, str | None, str]] = []
         for file in self.files:
             key = (file.scope, file.name)
-            found = self.replicas.get(key, no_replicas)
+            found = replicas.get(key, no_replicas)
             if shuffle and len(found) > 1:
                 found = random.sample(found, len(found))
-            if self.nrandom:
-                found = random.sample(found, min(self.nrandom, len(found)))
-            candidates: list[tuple[str, str, _Site]] = []
-            for rse_id, path, _state in found:
+            if nrandom:
+                found = random.sample(found, min(nrandom, len(found)))
+            # (domain, pfn, site name, entry) in order of preference
+            candidates: list[tuple[str, str, str, dict[str, Any]]] = []
+            rse_pfns: dict[str, list[str]] = {}
+            states: dict[str, str] = {}
+            for rse_id, path, state in found:
                 site = sites[rse_id]
+                rse_pfns[site.name] = []
+                states[site.name] = state
                 if path and "://" in path:  # non-deterministic: the stored PFN itself
                     if site.readers:
-                        candidates.append((site.readers[0][0], path, site))
+                        current, _prefix, entry = site.readers[0]
+                        candidates.append((current, path, site.name, entry))
                     continue
                 relative = path or ""
                 relative = relative if relative.startswith("/") else "/" + relative
-                candidates.extend((current, prefix + relative, site)
-                                  for current, _scheme, prefix in site.readers)
+                for current, prefix, entry in site.readers:
+                    candidates.append((current, prefix + relative, site.name, entry))
             if lan_first:
                 candidates.sort(key=lambda c: c[0] != "lan")
             pfns: dict[str, Any] = {}
-            rse_pfns: dict[str, list[str]] = {sites[rse_id].name: [] for rse_id, _p, _s in found}
-            for current, pfn, site in candidates:
+            for _current, pfn, name, entry in candidates:
                 if pfn not in pfns:
-                    pfns[pfn] = {**site.info, "domain": current, "priority": len(pfns) + 1,
-                                 "client_extract": False}
-                    rse_pfns[site.name].append(pfn)
+                    pfns[pfn] = {**entry, "priority": len(pfns) + 1, "client_extract": False}
+                    rse_pfns[name].append(pfn)
             line: dict[str, Any] = {
                 "scope": file.scope, "name": file.name, "bytes": file.bytes, "md5": file.md5,
-                "adler32": file.adler32, "pfns": pfns, "rses": rse_pfns,
-                "states": {sites[rse_id].name: state.value for rse_id, _p, state in found},
+                "adler32": file.adler32, "pfns": pfns, "rses": rse_pfns, "states": states,
             }
-            if self.parents is not None:
-                line["parents"] = self.parents[key]
+            if parents is not None:
+                line["parents"] = parents[key]
             yield line
 
 
@@ -286,33 +295,78 @@ def gather_replicas(session: Session, dids: list[dict[str, Any]], *,
     once), their replicas on the RSEs allowed, and how each RSE is read."""
     if not isinstance(dids, list) or not all(isinstance(d, dict) for d in dids):
         raise InvalidObject("'dids' must be a list of {scope, name} objects")
-    files: list[Any] = []
-    seen: set[tuple[str, str]] = set()
-    for did in dids:
-        for file in iter_files(session, str(did.get("scope")), str(did.get("name"))):
-            if (file.scope, file.name) not in seen:
-                seen.add((file.scope, file.name))
-                files.append(file)
     allowed = {r.id for r in resolve(session, rse_expression)} if rse_expression else None
     domains = ["lan", "wan"] if domain == "all" else [domain or "wan"]
     sites = _sites(session, domains, schemes, allowed)
-    replicas: dict[tuple[str, str], list[tuple[str, str | None, ReplicaState]]] = \
-        defaultdict(list)
+    # per file: (rse_id, path, state); the state as stored, not converted row by row
+    replicas: dict[tuple[str, str], list[tuple[str, str | None, str]]] = defaultdict(list)
+    covered: set[tuple[str, str]] = set()
+
+    def read(scope: str, name: str) -> Iterator[FileRow]:
+        """A dataset's files with their replicas, in one query: one row per replica, the
+        rows of a file one after the other (a file without replicas: one row of nulls)."""
+        key: tuple[str, str] | None = None
+        fresh = False
+        for (file_scope, file_name, size, adler32, md5, rse_id, path,
+             state) in session.execute(_dataset_replicas(all_states),
+                                       {"parent_scope": scope, "parent_name": name}):
+            if (file_scope, file_name) != key:
+                key = (file_scope, file_name)
+                # a file met before, in another dataset, has its replicas already
+                fresh = key not in covered
+                covered.add(key)
+                yield FileRow(file_scope, file_name, DIDType.FILE, size, adler32, md5)
+            if fresh and rse_id in sites:
+                replicas[key].append((rse_id, path, state))
+
+    files: list[Any] = []
+    seen: set[tuple[str, str]] = set()
+    for did in dids:
+        for file in iter_files(session, str(did.get("scope")), str(did.get("name")),
+                               read=read):
+            if (file.scope, file.name) not in seen:
+                seen.add((file.scope, file.name))
+                files.append(file)
     keys = [(f.scope, f.name) for f in files]
-    for i in range(0, len(keys), CHUNK):
+    # files asked for by name, not through a dataset
+    loose = [key for key in keys if key not in covered]
+    for i in range(0, len(loose), CHUNK):
         query = select(Replica.scope, Replica.name, Replica.rse_id, Replica.path,
-                       Replica.state).where(keys_in(Replica.scope, Replica.name,
-                                                    keys[i:i + CHUNK]))
+                       type_coerce(Replica.state, String)).where(
+            keys_in(Replica.scope, Replica.name, loose[i:i + CHUNK]))
         if not all_states:
             query = query.where(Replica.state == ReplicaState.AVAILABLE)
-        for scope, name, rse_id, path, state in session.execute(query.order_by(Replica.rse_id)):
+        for scope, name, rse_id, path, state in session.execute(query):
             if rse_id in sites:
                 replicas[(scope, name)].append((rse_id, path, state))
+    for found in replicas.values():
+        if len(found) > 1:
+            found.sort()  # by RSE id: the same order at every call
     parents = None
     if resolve_parents:
         parents = {key: [f"{p['scope']}:{p['name']}" for p in list_parents(session, *key)]
                    for key in keys}
     return Listing(files, replicas, sites, domains, sort, nrandom, parents)
+
+
+@functools.cache
+def _dataset_replicas(all_states: bool) -> Any:
+    """The files of the dataset :parent_scope/:parent_name, each with its replicas (in
+    any state, or AVAILABLE ones): (scope, name, bytes, adler32, md5, rse_id, path,
+    state), in the order of the files."""
+    joined = and_(Replica.scope == Attachment.child_scope,
+                  Replica.name == Attachment.child_name)
+    if not all_states:
+        joined = and_(joined, Replica.state == ReplicaState.AVAILABLE)
+    return (select(Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
+                   Attachment.bytes, Attachment.adler32, Attachment.md5, Replica.rse_id,
+                   Replica.path, type_coerce(Replica.state, String).label("state"))
+            .select_from(Attachment).outerjoin(Replica, joined)
+            .where(Attachment.scope == bindparam("parent_scope"),
+                   Attachment.name == bindparam("parent_name"))
+            # the order of the attachments' primary key: no sort; a file's replicas are
+            # put in RSE order afterwards
+            .order_by(Attachment.child_scope, Attachment.child_name))
 
 
 def list_replicas(session: Session, dids: list[dict[str, Any]], **options: Any

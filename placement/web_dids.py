@@ -150,7 +150,7 @@ def routes(catalog: Catalog) -> list[web.RouteDef]:
                 return [{"scope": f.scope, "name": f.name, "bytes": f.bytes,
                          "adler32": f.adler32, "md5": f.md5, "guid": f.guid,
                          "events": f.events, "lumiblocknr": f.lumiblocknr}
-                        for f in dids.iter_files(session, scope, name)]
+                        for f in dids.iter_files(session, scope, name, meta=True)]
 
             return stream_response(await catalog.call(request, files))
         if suffix == "meta":
