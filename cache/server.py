@@ -121,7 +121,11 @@ class ObjectHandler:
             headers["Last-Modified"] = validators.http_date(rec.mtime)
         if validators.precondition_failed(request.headers, etag, rec.mtime):
             outcome["result"] = "precondition_failed"
-            return error(412, f"{key} is no longer the version asked for", path=key)
+            refused = error(412, f"{key} is no longer the version asked for", path=key)
+            # the version there is now, for a reader that wants to start over on it
+            refused.headers.update({k: headers[k] for k in ("ETag", "Last-Modified")
+                                    if k in headers})
+            return refused
         if validators.not_modified(request.headers, etag, rec.mtime):
             outcome["result"] = "not_modified"
             return web.Response(status=304, headers=headers)
