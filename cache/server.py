@@ -123,8 +123,9 @@ class ObjectHandler:
             outcome["result"] = "precondition_failed"
             refused = error(412, f"{key} is no longer the version asked for", path=key)
             # the version there is now, for a reader that wants to start over on it
-            refused.headers.update({k: headers[k] for k in ("ETag", "Last-Modified")
-                                    if k in headers})
+            for name in ("ETag", "Last-Modified"):
+                if name in headers:
+                    refused.headers[name] = headers[name]
             return refused
         if validators.not_modified(request.headers, etag, rec.mtime):
             outcome["result"] = "not_modified"
