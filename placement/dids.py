@@ -557,7 +557,9 @@ def iter_files(session: Session, scope: str, name: str, *, meta: bool = False,
         stack.extend(reversed(fresh))
 
 
-def _children_of_parent(query: Any) -> Any:
+def children_of_parent(query: Any) -> Any:
+    """`query` (which reads `contents`) narrowed to the children of the collection bound
+    at execution as :parent_scope/:parent_name, in the order of the primary key."""
     return query.where(Attachment.scope == bindparam("parent_scope"),
                        Attachment.name == bindparam("parent_name")).order_by(
         Attachment.child_scope, Attachment.child_name)
@@ -566,10 +568,10 @@ def _children_of_parent(query: Any) -> Any:
 @functools.cache
 def _files_statement(meta: bool) -> Any:
     if meta:
-        return _children_of_parent(select(*_LIGHT).join(
+        return children_of_parent(select(*_LIGHT).join(
             Attachment, and_(Attachment.child_scope == DID.scope,
                              Attachment.child_name == DID.name)))
-    return _children_of_parent(select(
+    return children_of_parent(select(
         Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
         Attachment.child_type.label("did_type"), Attachment.bytes, Attachment.adler32,
         Attachment.md5))
@@ -577,7 +579,7 @@ def _files_statement(meta: bool) -> Any:
 
 @functools.cache
 def _collections_statement() -> Any:
-    return _children_of_parent(select(Attachment.child_scope, Attachment.child_name,
+    return children_of_parent(select(Attachment.child_scope, Attachment.child_name,
                                       Attachment.child_type))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, func, select, type_coerce
+from sqlalchemy import String, and_, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from stashflow.placement.accounts import is_admin
@@ -19,6 +19,7 @@ from stashflow.placement.db import bulk_insert, keys_in
 from stashflow.placement.dids import (
     CHUNK,
     FileRow,
+    children_of_parent,
     ensure_files,
     fetch_dids,
     get_did,
@@ -358,15 +359,13 @@ def _dataset_replicas(all_states: bool) -> Any:
                   Replica.name == Attachment.child_name)
     if not all_states:
         joined = and_(joined, Replica.state == ReplicaState.AVAILABLE)
-    return (select(Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
-                   Attachment.bytes, Attachment.adler32, Attachment.md5, Replica.rse_id,
-                   Replica.path, type_coerce(Replica.state, String).label("state"))
-            .select_from(Attachment).outerjoin(Replica, joined)
-            .where(Attachment.scope == bindparam("parent_scope"),
-                   Attachment.name == bindparam("parent_name"))
-            # the order of the attachments' primary key: no sort; a file's replicas are
-            # put in RSE order afterwards
-            .order_by(Attachment.child_scope, Attachment.child_name))
+    # in the order of the attachments' primary key (no sort); a file's replicas are put
+    # in RSE order afterwards
+    return children_of_parent(
+        select(Attachment.child_scope.label("scope"), Attachment.child_name.label("name"),
+               Attachment.bytes, Attachment.adler32, Attachment.md5, Replica.rse_id,
+               Replica.path, type_coerce(Replica.state, String).label("state"))
+        .select_from(Attachment).outerjoin(Replica, joined))
 
 
 def list_replicas(session: Session, dids: list[dict[str, Any]], **options: Any
